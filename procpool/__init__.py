@@ -1,0 +1,52 @@
+"""procpool: pools of exactly three worker processes, coordinated by asyncio.
+
+    async with WorkerPool(handler="procpool.handlers:echo") as pool:
+        print(await pool.apply(pow, (2, 10)))
+        print(await pool.execute("hello"))
+"""
+
+import logging
+
+from procpool._child import heartbeat
+from procpool._pool import POOL_SIZE, PoolState, WorkerPool
+from procpool._worker import Worker
+from procpool.errors import (
+    BrokenPool,
+    MemoryLimitExceeded,
+    NoPoolAvailable,
+    PoolClosed,
+    PoolFull,
+    PoolNotFound,
+    ProcPoolError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+    WorkerStuck,
+)
+
+__version__ = "0.1.0"
+
+# A library logs, it does not print: without the application's own logging set-up, stay silent.
+logging.getLogger("procpool").addHandler(logging.NullHandler())
+
+__all__ = (
+    "POOL_SIZE",
+    "BrokenPool",
+    "MemoryLimitExceeded",
+    "NoPoolAvailable",
+    "PoolClosed",
+    "PoolFull",
+    "PoolNotFound",
+    "PoolState",
+    "ProcPoolError",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskTimeout",
+    "Worker",
+    "WorkerCrashed",
+    "WorkerPool",
+    "WorkerStuck",
+    "__version__",
+    "heartbeat",
+)

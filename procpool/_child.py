@@ -1,0 +1,203 @@
+"""The worker process: block on the call queue, run the call, put the result, repeat.
+
+It knows nothing of asyncio state, psutil, routing or statistics: the parent owns all of that,
+because a stuck child cannot report on itself. Its only shared state is a small array that the
+parent reads (which task is running, the last heartbeat) and writes (tasks cancelled before they
+started). ``serve`` only calls ``.get()``/``.put()``, so a test can drive it with ``queue.Queue``.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import inspect
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from procpool import _messages as m
+from procpool.errors import SerializationError
+
+# Layout of the shared state array (multiprocessing.RawArray("q", STATE_SIZE)).
+CURRENT = 0  # seq of the task running now, 0 when idle
+BEAT = 1  # time.monotonic_ns() of the task's start or its last heartbeat()
+CANCEL = 2  # CANCEL_RING slots: seq of a committed task cancelled before it started
+CANCEL_RING = 512
+STATE_SIZE = CANCEL + CANCEL_RING
+
+# Set in a worker process only.
+_state: Any = None
+_handler: Callable[..., Any] | None = None
+_loop: Any = None
+
+
+class _Queue(Protocol):
+    def get(self) -> bytes | None: ...
+    def put(self, data: bytes) -> None: ...
+
+
+class ConnectionQueue:
+    """A one-way ``multiprocessing`` Pipe end used as a queue of message bodies."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def get(self) -> bytes | None:
+        try:
+            return self.conn.recv_bytes()
+        except EOFError:  # the parent is gone
+            return None
+
+    def put(self, data: bytes) -> None:
+        self.conn.send_bytes(data)
+
+
+def heartbeat() -> None:
+    """Tell the pool the running task is making progress (resets its stuck clock).
+
+    Call it from long I/O waits inside a task. Outside a worker process it does nothing.
+    """
+    if _state is not None:
+        _state[BEAT] = time.monotonic_ns()
+
+
+def run_handler(prompt: Any, context: Any) -> Any:
+    """Run the pool's prompt handler (resolved once at worker start)."""
+    if _handler is None:  # pragma: no cover - the parent refuses execute() without a handler
+        raise RuntimeError("this pool has no prompt handler")
+    return _handler(prompt, context)
+
+
+def run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], bytes | None]:
+    """Run ``fn`` over a map() chunk; stop at the first error and return it encoded."""
+    out = []
+    for item in items:
+        try:
+            value = fn(item)
+            if inspect.isawaitable(value):
+                value = _run_coroutine(value)
+        except BaseException as exc:
+            return out, _error_payload(exc)
+        out.append(value)
+    return out, None
+
+
+def resolve(path: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"`` and return the function."""
+    module_name, _, attr = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{path} is not callable")
+    return obj
+
+
+def _run_coroutine(coro: Any) -> Any:
+    global _loop
+    if _loop is None:
+        import asyncio
+
+        _loop = asyncio.new_event_loop()
+    return _loop.run_until_complete(coro)
+
+
+def _error_payload(exc: BaseException) -> bytes:
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        exc_bytes: bytes | None = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        exc_bytes = None
+    return pickle.dumps((type(exc).__qualname__, tb, exc_bytes), pickle.HIGHEST_PROTOCOL)
+
+
+def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
+    """Run calls until the parent sends EXIT or goes away."""
+    dumps = pickle.dumps
+    loads = pickle.loads
+    header = m.HEADER
+    header_size = header.size
+    while True:
+        data = call_queue.get()
+        if data is None:
+            return
+        seq, kind = header.unpack_from(data)
+        if kind != m.CALL:
+            return
+        if state[CANCEL + seq % CANCEL_RING] == seq:
+            result_queue.put(m.body(seq, m.SKIPPED))
+            continue
+        state[CURRENT] = seq
+        state[BEAT] = time.monotonic_ns()
+        try:
+            try:
+                fn, args, kwargs = loads(memoryview(data)[header_size:])
+            except Exception as exc:
+                raise SerializationError(f"the task could not be unpickled in the worker: {exc!r}") from exc
+            del data
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = _run_coroutine(result)
+            try:
+                reply = m.body(seq, m.OK, dumps(result, pickle.HIGHEST_PROTOCOL))
+            except Exception as exc:
+                raise SerializationError(
+                    f"the task's result ({type(result).__qualname__}) could not be pickled: {exc!r}"
+                ) from exc
+        except BaseException as exc:
+            reply = m.body(seq, m.ERROR, _error_payload(exc))
+        fn = args = kwargs = result = None  # drop references before blocking again
+        result_queue.put(reply)
+        # Cleared only after the reply is out: a worker that dies before this point is judged to
+        # have been running the task, so a task is never re-run after it may have had effects.
+        state[CURRENT] = 0
+
+
+def _watch_parent(lifeline: Any) -> None:
+    """Kill this worker's process group (it and every process its tasks started) once the
+    parent dies, even by SIGKILL: the lifeline pipe reads EOF then."""
+    import multiprocessing.connection
+
+    multiprocessing.connection.wait([lifeline])
+    os.killpg(0, signal.SIGKILL)
+
+
+def main(
+    call_conn: Any,
+    result_conn: Any,
+    state: Any,
+    handler_path: str | None,
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+    stack_path: str | None,
+    lifeline: Any,
+) -> None:
+    """Entry point of a worker process."""
+    global _state, _handler
+    # Own process group: the parent can kill a task's whole process tree with one killpg, and
+    # Ctrl-C in a terminal reaches the parent only, which then shuts the pool down in order.
+    os.setsid()
+    threading.Thread(target=_watch_parent, args=(lifeline,), name="procpool-parent-watch", daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if stack_path is not None:
+        # Lets the parent capture the stack of a stuck task before it kills the worker.
+        stack_file = open(stack_path, "w")  # noqa: SIM115 - lives as long as the process
+        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    _state = state
+    calls = ConnectionQueue(call_conn)
+    results = ConnectionQueue(result_conn)
+    try:
+        if handler_path is not None:
+            _handler = resolve(handler_path)
+        if initializer is not None:
+            initializer(*initargs)
+    except BaseException:
+        results.put(m.body(os.getpid(), m.INIT_FAILED, traceback.format_exc().encode()))
+        return
+    results.put(m.body(os.getpid(), m.READY))
+    serve(calls, results, state)

@@ -1,0 +1,843 @@
+"""WorkerPool: exactly three worker processes and one asyncio coordinator.
+
+Lifecycle::
+
+    INITIAL --initialize()--> STARTING --3 workers Ready--> RUNNING --shutdown()--> CLOSING --> CLOSED
+                                  |                            |
+                                  +--workers keep failing to start (crash loop)--> BROKEN --shutdown()--> CLOSED
+
+Queue topology (one pair of one-way multiprocessing Pipes per slot; the parent writes calls and
+reads results without blocking, from the event loop)::
+
+    submit/apply/execute/map -> pending (deque, <= max_pending) -> dispatch --call pipe i--> worker i
+    future.set_result/exception <- _task_finished <- result pipe i <------------------------- worker i
+    worker death (sentinel i readable) -> _worker_exited -> fail the running task, requeue the rest,
+                                                            respawn slot i with fresh pipes
+
+Invariants:
+    * ``len(self.workers) == POOL_SIZE`` always; a slot is refilled whenever its process dies,
+      until the pool is CLOSING, CLOSED or BROKEN.
+    * Every task is in exactly one place: ``_pending``, one worker's ``in_flight`` (whose head is
+      the task that worker runs), or done (its future resolved). A future is resolved once.
+    * A task in ``in_flight`` behind the head has not started; when a worker dies only the task
+      it was running (``shared[CURRENT]``) fails, the others go back to the front of ``_pending``.
+    * The coordinator never blocks: results and deaths wake it through ``loop.add_reader``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import enum
+import itertools
+import logging
+import math
+import multiprocessing
+import os
+import pickle
+import signal
+import statistics as stats_lib
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+
+from procpool import _child
+from procpool._worker import Worker, decode_error
+from procpool.errors import (
+    BrokenPool,
+    PoolClosed,
+    PoolFull,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+    describe_exit,
+)
+
+__all__ = ("POOL_SIZE", "PoolState", "WorkerPool")
+
+log = logging.getLogger("procpool.pool")
+
+POOL_SIZE = 3
+# Tasks waiting for a worker, per pool. Sync submit() raises PoolFull past it; the async entry
+# points wait for room. Large enough for bulk submission, small enough to bound memory.
+DEFAULT_MAX_PENDING = 100_000
+# How much queued work (in seconds of measured task time) a worker may hold beyond the task it
+# runs. Tiny tasks then travel many per syscall; tasks over ~2 ms are sent one at a time, so a
+# slow task never holds up work that another worker could take.
+PREFETCH_SECONDS = 0.002
+MAX_WINDOW = _child.CANCEL_RING // 2
+# SIGTERM, then SIGKILL this long after, when a worker is stopped on purpose.
+KILL_GRACE = 0.2
+# Workers that die before Ready this many times in a row make the pool BROKEN.
+MAX_START_FAILURES = 3
+# Respawn delays after failed starts: 0.1 s, 0.2 s, 0.4 s ... (no retry storm).
+START_BACKOFF = 0.1
+# map() without a chunksize sizes chunks to take about this long in a worker.
+TARGET_CHUNK_SECONDS = 0.01
+MAX_CHUNKSIZE = 8192
+# Recent task durations kept for latency percentiles.
+LATENCY_WINDOW = 1000
+
+
+class PoolState(enum.Enum):
+    INITIAL = "initial"
+    STARTING = "starting"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    BROKEN = "broken"
+
+
+@attrs.define(eq=False, repr=False)
+class Task:
+    """One unit of work, from submission until its future is resolved."""
+
+    id: int
+    payload: bytes
+    future: asyncio.Future[Any]
+    timeout: float | None
+    submitted_at: float
+    # "pending" (in the pool's queue), "sent" (in a worker's in_flight) or "done".
+    state: str = "pending"
+    # Position in its worker's stream; set when sent.
+    seq: int = 0
+    worker: Worker | None = None
+    timer: asyncio.TimerHandle | None = None
+    duration: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id} {self.state} seq={self.seq}>"
+
+
+_live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    """At interpreter exit, kill the workers of pools nobody shut down.
+
+    Registered after multiprocessing's own exit hook, so it runs first; otherwise that hook
+    would wait forever on our non-daemon workers.
+    """
+    for pool in list(_live_pools):
+        for worker in pool.workers:
+            if worker.process is not None and worker.pid is not None:
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(worker.pid, signal.SIGKILL)
+                        break
+                    except (ProcessLookupError, PermissionError):
+                        continue
+                worker.process.join(1.0)
+
+
+def _check_timeout(timeout: Any, name: str = "timeout") -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout > 0 or math.isinf(timeout):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _handler_path(handler: Any) -> str | None:
+    """Check a handler now (not on the first task) and return its import path for workers."""
+    if handler is None:
+        return None
+    if isinstance(handler, str):
+        if handler.count(":") != 1 or not all(handler.split(":")):
+            raise ValueError(f"handler must look like 'package.module:function', got {handler!r}")
+        try:
+            _child.resolve(handler)
+        except (ImportError, AttributeError, TypeError) as exc:
+            raise ValueError(f"handler {handler!r} cannot be loaded: {exc}") from exc
+        return handler
+    if callable(handler):
+        path = f"{getattr(handler, '__module__', None)}:{getattr(handler, '__qualname__', None)}"
+        try:
+            found = _child.resolve(path)
+        except (ImportError, AttributeError, TypeError, ValueError):
+            found = None
+        if found is not handler:
+            raise ValueError(
+                f"handler {handler!r} must be a module-level function that workers can import "
+                "(or pass its 'package.module:function' path)"
+            )
+        return path
+    raise TypeError(f"handler must be a 'module:function' string or a function, not {type(handler).__name__}")
+
+
+def _pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickle a call in the caller, so a bad argument fails here and nothing is sent."""
+    try:
+        return pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        culprit = _find_unpicklable(fn, args, kwargs)
+        hint = ""
+        if culprit.startswith("the function"):
+            hint = " (functions must be defined at module level, so the worker can import them)"
+        raise SerializationError(f"cannot send the task to a worker: {culprit} cannot be pickled{hint}: {exc}") from exc
+
+
+def _find_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    candidates: list[tuple[str, Any]] = [(f"the function {fn!r}", fn)]
+    candidates += [(f"argument {i} ({type(a).__qualname__})", a) for i, a in enumerate(args)]
+    candidates += [(f"keyword argument {k!r} ({type(v).__qualname__})", v) for k, v in kwargs.items()]
+    for label, obj in candidates:
+        try:
+            pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return label
+    return "the call"
+
+
+def _default_start_method() -> str:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+class WorkerPool:
+    """A pool of exactly three worker processes, driven from asyncio.
+
+    Args:
+        pool_id: a name for logs, status and managers; generated when omitted.
+        handler: what ``execute`` runs: ``"package.module:function"`` or a module-level function
+            taking ``(prompt, context)``; checked now, imported by each worker.
+        task_timeout: default run-time limit in seconds for every task (None: no limit).
+        initializer: called with ``initargs`` in each worker before it takes work.
+        start_method: ``"forkserver"`` (default where available) or ``"spawn"``. ``"fork"`` is
+            refused: forking a parent that runs threads and an event loop is unsafe.
+        max_pending: how many tasks may wait for a worker (backpressure).
+    """
+
+    def __init__(
+        self,
+        pool_id: str | None = None,
+        handler: str | Callable[..., Any] | None = None,
+        *,
+        task_timeout: float | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Sequence[Any] = (),
+        start_method: str | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        if pool_id is not None and (not isinstance(pool_id, str) or not pool_id):
+            raise TypeError(f"pool_id must be a non-empty string or None, got {pool_id!r}")
+        if start_method is None:
+            start_method = _default_start_method()
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError(
+                f"start_method must be 'forkserver' or 'spawn', got {start_method!r} "
+                "('fork' is unsafe in a process that runs threads and an event loop)"
+            )
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"start_method {start_method!r} is not available on this platform")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be callable")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
+        self.pool_id = pool_id or f"pool-{os.getpid()}-{next(_pool_numbers)}"
+        self._handler_path = _handler_path(handler)
+        self.task_timeout = _check_timeout(task_timeout, "task_timeout")
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        if initializer is not None:
+            _pickle_call(initializer, self._initargs, {})
+        self.start_method = start_method
+        self.max_pending = max_pending
+        self.workers: list[Worker] = [
+            Worker(self, i, f"{self.pool_id}-w{i}") for i in range(POOL_SIZE)
+        ]
+        self._state = PoolState.INITIAL
+        self._ctx: Any = None
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._pending: collections.deque[Task] = collections.deque()
+        self._task_ids = itertools.count(1)
+        self._dispatch_scheduled = False
+        # Resolved when all three workers are ready (or the pool breaks).
+        self._started: asyncio.Future[None] | None = None
+        # Resolved when the last worker has exited during shutdown.
+        self._all_exited: asyncio.Future[None] | None = None
+        self._closed_event: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None
+        self._broken_cause: str | None = None
+        self._start_failures = 0
+        # Smoothed task duration, for the prefetch window.
+        self._avg_duration: float | None = None
+        self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.tasks_submitted = 0
+        self.tasks_completed = 0
+        self.tasks_failed = 0
+        self.tasks_cancelled = 0
+        self.tasks_timed_out = 0
+        self.tasks_crashed = 0
+        self.workers_restarted = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> PoolState:
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        return self._state is PoolState.RUNNING
+
+    async def initialize(self) -> None:
+        """Start the three workers; return when all are ready. Idempotent.
+
+        Raises:
+            BrokenPool: the workers could not be started (the message says why).
+            PoolClosed: the pool was shut down.
+        """
+        if self._state is PoolState.RUNNING:
+            return
+        if self._state in (PoolState.CLOSING, PoolState.CLOSED):
+            raise PoolClosed(f"pool {self.pool_id!r} is shut down")
+        if self._state is PoolState.BROKEN:
+            raise BrokenPool(self._broken_cause)
+        if self._state is PoolState.INITIAL:
+            self._loop = asyncio.get_running_loop()
+            self._ctx = multiprocessing.get_context(self.start_method)
+            if self.start_method == "forkserver":
+                self._ctx.set_forkserver_preload(["procpool._child"])
+            self._started = self._loop.create_future()
+            self._room = asyncio.Event()
+            self._room.set()
+            self._closed_event = asyncio.Event()
+            self._state = PoolState.STARTING
+            _live_pools.add(self)
+            try:
+                for worker in self.workers:
+                    worker.spawn()
+            except BaseException:
+                await self.shutdown(timeout=0)
+                raise
+        assert self._started is not None
+        try:
+            await asyncio.shield(self._started)
+        except asyncio.CancelledError:
+            if self._state is PoolState.STARTING:
+                await asyncio.shield(self.shutdown(timeout=0))
+            raise
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Refuse new work, let running tasks finish until ``timeout``, then stop the workers.
+
+        Tasks that never started fail with :class:`PoolClosed`; tasks still running at the
+        deadline are killed (SIGTERM, then SIGKILL) and fail with :class:`PoolClosed` too. No
+        worker process is left behind. Calling it again is harmless.
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        if self._state is PoolState.INITIAL:
+            self._state = PoolState.CLOSED
+            return
+        if self._state in (PoolState.CLOSING, PoolState.CLOSED):
+            assert self._closed_event is not None
+            await self._closed_event.wait()
+            return
+        self._state = PoolState.CLOSING
+        assert self._started is not None and self._closed_event is not None and self._room is not None
+        if not self._started.done():
+            self._started.set_exception(PoolClosed(f"pool {self.pool_id!r} was shut down while starting"))
+            self._started.exception()  # mark retrieved
+        self._room.set()  # wake waiters so they see the pool is closing
+        never_ran = PoolClosed(f"pool {self.pool_id!r} shut down before the task ran")
+        while self._pending:
+            self._resolve(self._pending.popleft(), False, never_ran)
+        live = [w for w in self.workers if w.process is not None]
+        self._all_exited = self._loop.create_future()
+        if not live:
+            self._all_exited.set_result(None)
+        for worker in live:
+            for task in itertools.islice(worker.in_flight, 1, None):
+                worker.cancel_unstarted(task)
+            worker.send_exit()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._all_exited), timeout)
+        except asyncio.TimeoutError:
+            reason = PoolClosed(f"pool {self.pool_id!r} shut down; the task was killed after {timeout:g} s")
+            for worker in self.workers:
+                if worker.process is not None:
+                    worker.state = "running"  # let kill() act even on a worker it already stops
+                    worker.kill(reason, KILL_GRACE)
+            await asyncio.shield(self._all_exited)
+        self._state = PoolState.CLOSED
+        _live_pools.discard(self)
+        self._closed_event.set()
+        log.info("pool %s shut down", self.pool_id)
+
+    async def __aenter__(self) -> WorkerPool:
+        await self.initialize()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    # -- submitting work -------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` in a worker; return a future of its result.
+
+        ``fn`` may be an ``async def`` function: the worker runs it on its own event loop.
+        Must be called from the pool's event loop thread.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+            SerializationError: ``fn`` or an argument cannot be pickled (nothing is queued).
+            PoolFull: ``max_pending`` tasks are already waiting.
+            PoolClosed: the pool is shut down.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        return self._submit(_pickle_call(fn, args, kwargs), self.task_timeout).future
+
+    async def apply(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwds: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run ``fn(*args, **kwds)`` in a worker and return its result.
+
+        Args:
+            timeout: run-time limit in seconds (default: the pool's ``task_timeout``). When it
+                expires the worker is killed and replaced and :class:`TaskTimeout` is raised.
+
+        Raises:
+            The task's own exception (remote traceback as ``__cause__``), :class:`TaskTimeout`,
+            :class:`WorkerCrashed`, :class:`SerializationError`, :class:`PoolClosed`,
+            :class:`BrokenPool`; ``TypeError``/``ValueError`` for bad arguments.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if not isinstance(args, (tuple, list)):
+            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
+        if kwds is not None and not isinstance(kwds, dict):
+            raise TypeError(f"kwds must be a dict or None, not {type(kwds).__name__}")
+        timeout = self._timeout_or_default(timeout)
+        payload = _pickle_call(fn, tuple(args), kwds or {})
+        await self._wait_ready_for_work()
+        return await self._submit(payload, timeout).future
+
+    async def execute(self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        """Run the pool's handler on ``(prompt, context)`` in a worker; return what it returns.
+
+        Raises:
+            RuntimeError: the pool has no handler.
+            TypeError: ``prompt`` is not a string or ``context`` not a dict.
+            Whatever ``apply`` raises.
+        """
+        payload, timeout = self._prompt_call(prompt, context, timeout)
+        await self._wait_ready_for_work()
+        return await self._submit(payload, timeout).future
+
+    async def execute_batch(
+        self,
+        prompts: Sequence[str],
+        context: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """Run the handler on every prompt concurrently; results in input order.
+
+        A prompt that fails leaves its exception in its place in the list; the others still run.
+
+        Raises:
+            ValueError: ``prompts`` is empty. TypeError: it is not a list of strings.
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of strings, not {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        calls = [self._prompt_call(p, context, timeout) for p in prompts]
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for payload, task_timeout in calls:
+                await self._wait_ready_for_work()
+                futures.append(self._submit(payload, task_timeout).future)
+            return list(await asyncio.gather(*futures, return_exceptions=True))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+    async def map(
+        self,
+        fn: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Any]:
+        """Yield ``fn(item)`` for every item, in input order, consuming the input lazily.
+
+        Items travel in chunks; without ``chunksize`` the chunks grow until each takes about
+        10 ms in a worker. The first item that raises ends the iteration with its exception.
+        ``timeout`` limits each chunk's run time.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive integer or None, got {chunksize!r}")
+        timeout = self._timeout_or_default(timeout)
+        items = iter(iterable)
+        size = chunksize or 1
+        window: collections.deque[tuple[Task, int]] = collections.deque()
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(window) < 2 * POOL_SIZE + 1:
+                    chunk = list(itertools.islice(items, size))
+                    if not chunk:
+                        exhausted = True
+                        break
+                    payload = _pickle_call(_child.run_chunk, (fn, chunk), {})
+                    await self._wait_ready_for_work()
+                    window.append((self._submit(payload, timeout), len(chunk)))
+                if not window:
+                    return
+                task, count = window.popleft()
+                values, error = await task.future
+                if chunksize is None and task.duration:
+                    per_item = task.duration / count
+                    size = max(1, min(MAX_CHUNKSIZE, int(TARGET_CHUNK_SECONDS / per_item) if per_item else MAX_CHUNKSIZE))
+                for value in values:
+                    yield value
+                if error is not None:
+                    raise decode_error(error)
+        finally:
+            for task, _ in window:
+                task.future.cancel()
+
+    # -- internals: submission and dispatch --------------------------------------------------------
+
+    def _timeout_or_default(self, timeout: Any) -> float | None:
+        return self.task_timeout if timeout is None else _check_timeout(timeout)
+
+    def _prompt_call(self, prompt: Any, context: Any, timeout: Any) -> tuple[bytes, float | None]:
+        if self._handler_path is None:
+            raise RuntimeError(
+                f"pool {self.pool_id!r} has no prompt handler: create it with "
+                "handler='package.module:function' (for example 'procpool.handlers:echo')"
+            )
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+        if context is not None and not isinstance(context, dict):
+            raise TypeError(f"context must be a dict or None, not {type(context).__name__}")
+        return _pickle_call(_child.run_handler, (prompt, context or {}), {}), self._timeout_or_default(timeout)
+
+    def _check_open(self) -> None:
+        state = self._state
+        if state is PoolState.RUNNING or state is PoolState.STARTING:
+            return
+        if state is PoolState.INITIAL:
+            raise RuntimeError(f"pool {self.pool_id!r} is not started: await pool.initialize() or use 'async with'")
+        if state is PoolState.BROKEN:
+            raise BrokenPool(self._broken_cause)
+        raise PoolClosed(f"pool {self.pool_id!r} is shut down")
+
+    async def _wait_ready_for_work(self) -> None:
+        """Start the pool if needed, then wait until the pending queue has room."""
+        if self._state is PoolState.INITIAL:
+            await self.initialize()
+        self._check_open()
+        assert self._room is not None
+        while len(self._pending) >= self.max_pending:
+            self._room.clear()
+            await self._room.wait()
+            self._check_open()
+
+    def _submit(self, payload: bytes, timeout: float | None) -> Task:
+        self._check_open()
+        pending = self._pending
+        if len(pending) >= self.max_pending:
+            raise PoolFull(
+                f"pool {self.pool_id!r} has {len(pending)} tasks waiting (max_pending); "
+                "await pool.apply() to wait for room instead"
+            )
+        loop = self._loop
+        future = loop.create_future()
+        task = Task(next(self._task_ids), payload, future, timeout, time.monotonic())
+        future.add_done_callback(lambda f, task=task: f.cancelled() and self._on_cancelled(task))
+        self.tasks_submitted += 1
+        if not pending and self._state is PoolState.RUNNING:
+            # Fast path for latency: an idle worker takes the task right now.
+            for worker in self.workers:
+                if worker.state == "idle" and not worker.in_flight:
+                    worker.send([task])
+                    return task
+        pending.append(task)
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            loop.call_soon(self._dispatch)
+        return task
+
+    def _window(self) -> int:
+        avg = self._avg_duration
+        if avg is None:
+            return 2
+        return max(1, min(MAX_WINDOW, int(PREFETCH_SECONDS / avg) + 1)) if avg > 0 else MAX_WINDOW
+
+    def _dispatch(self) -> None:
+        """Hand pending tasks to ready workers, spreading them evenly, one write per worker."""
+        self._dispatch_scheduled = False
+        pending = self._pending
+        if not pending or self._state is not PoolState.RUNNING:
+            return
+        window = self._window()
+        ready = [w for w in self.workers if w.state in ("idle", "busy") and len(w.in_flight) < window]
+        ready.sort(key=lambda w: len(w.in_flight))
+        for i, worker in enumerate(ready):
+            if not pending:
+                break
+            share = -(-len(pending) // (len(ready) - i))
+            take = min(share, window - len(worker.in_flight))
+            batch = [pending.popleft() for _ in range(min(take, len(pending)))]
+            if batch:
+                worker.send(batch)
+        if self._room is not None and len(pending) < self.max_pending:
+            self._room.set()
+
+    def _resolve(self, task: Task, ok: bool, value: Any) -> None:
+        """Resolve a task's future once, and count the outcome."""
+        task.state = "done"
+        if task.timer is not None:
+            task.timer.cancel()
+            task.timer = None
+        future = task.future
+        if future.done():
+            return
+        if ok:
+            self.tasks_completed += 1
+            future.set_result(value)
+        else:
+            self.tasks_failed += 1
+            future.set_exception(value)
+
+    def _arm_timeout(self, worker: Worker, task: Task) -> None:
+        assert task.timeout is not None
+        task.timer = self._loop.call_later(task.timeout, self._on_timeout, worker, task)
+
+    def _on_timeout(self, worker: Worker, task: Task) -> None:
+        task.timer = None
+        if task.state != "sent" or task.worker is not worker or task.future.done():
+            return
+        self.tasks_timed_out += 1
+        error = TaskTimeout(task.timeout or 0.0, worker.pid)
+        log.warning("task %s timed out after %s s on worker %s (pid %s); replacing the worker",
+                    task.id, task.timeout, worker.worker_id, worker.pid)
+        self._resolve(task, False, error)
+        worker.kill(error, KILL_GRACE)
+
+    def _on_cancelled(self, task: Task) -> None:
+        """A caller cancelled a task's future: drop it if it has not started, else kill its worker."""
+        self.tasks_cancelled += 1
+        if task.state == "pending":
+            try:
+                self._pending.remove(task)
+            except ValueError:
+                pass
+            task.state = "done"
+        elif task.state == "sent" and task.worker is not None:
+            worker = task.worker
+            if worker.is_running(task):
+                log.info("task %s cancelled while running; replacing worker %s (pid %s)",
+                         task.id, worker.worker_id, worker.pid)
+                worker.kill(None, KILL_GRACE)
+            else:
+                worker.cancel_unstarted(task)
+
+    # -- internals: events from workers ----------------------------------------------------------
+
+    def _task_finished(self, worker: Worker, task: Task, ok: bool | None, value: Any, duration: float | None) -> None:
+        if ok is None:  # skipped: cancelled before it started, or shut down
+            if not task.future.done():
+                self._resolve(task, False, PoolClosed(f"pool {self.pool_id!r} shut down before the task ran"))
+            task.state = "done"
+        else:
+            task.duration = duration
+            if duration is not None:
+                self._latencies.append(duration)
+                avg = self._avg_duration
+                self._avg_duration = duration if avg is None else avg + 0.1 * (duration - avg)
+            self._resolve(task, ok, value)
+        if self._pending and not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self._loop.call_soon(self._dispatch)
+
+    def _worker_ready(self, worker: Worker) -> None:
+        self._start_failures = 0
+        log.debug("worker %s ready (pid %s)", worker.worker_id, worker.pid)
+        if self._state is PoolState.STARTING and all(w.state in ("idle", "busy") for w in self.workers):
+            self._state = PoolState.RUNNING
+            self.started_at = time.time()
+            assert self._started is not None
+            if not self._started.done():
+                self._started.set_result(None)
+            log.info("pool %s running with %d workers", self.pool_id, POOL_SIZE)
+        if self._state is PoolState.CLOSING:
+            worker.send_exit()
+        self._dispatch()
+
+    def _worker_exited(
+        self, worker: Worker, pid: int | None, exitcode: int | None, tasks: list[Task], running: int, never_ready: bool
+    ) -> None:
+        closing = self._state in (PoolState.CLOSING, PoolState.CLOSED, PoolState.BROKEN)
+        reason = worker.kill_reason
+        requeue = []
+        for task in tasks:
+            if task.future.done():
+                task.state = "done"
+                continue
+            if task.seq == running:
+                if reason is None:
+                    reason = WorkerCrashed(pid, exitcode, f"task {task.id} on worker {worker.worker_id}")
+                    self.tasks_crashed += 1
+                self._resolve(task, False, reason)
+            elif closing:
+                self._resolve(task, False, PoolClosed(f"pool {self.pool_id!r} shut down before the task ran"))
+            else:
+                task.state = "pending"
+                task.worker = None
+                requeue.append(task)
+        self._pending.extendleft(reversed(requeue))
+        if closing:
+            log.debug("worker %s (pid %s) exited: %s", worker.worker_id, pid, describe_exit(exitcode))
+            if self._all_exited is not None and not self._all_exited.done():
+                if all(w.process is None for w in self.workers):
+                    self._all_exited.set_result(None)
+            return
+        if never_ready:
+            self._start_failed(worker, pid, exitcode)
+            return
+        if worker.kill_reason is None:
+            log.warning("worker %s (pid %s) died: %s; replacing it", worker.worker_id, pid, describe_exit(exitcode))
+        worker.restarts += 1
+        self.workers_restarted += 1
+        worker.spawn()
+
+    def _start_failed(self, worker: Worker, pid: int | None, exitcode: int | None) -> None:
+        self._start_failures += 1
+        cause = f"worker {worker.worker_id} (pid {pid}) failed to start: {describe_exit(exitcode)}"
+        if worker.init_failure:
+            cause += f"; its initializer or handler raised:\n{worker.init_failure}"
+        log.error("%s (%d in a row)", cause, self._start_failures)
+        if self._start_failures >= MAX_START_FAILURES:
+            self._break(cause)
+            return
+        delay = START_BACKOFF * 2 ** (self._start_failures - 1)
+        worker.restarts += 1
+        self.workers_restarted += 1
+        self._loop.call_later(delay, self._respawn_if_open, worker)
+
+    def _respawn_if_open(self, worker: Worker) -> None:
+        if self._state in (PoolState.STARTING, PoolState.RUNNING) and worker.process is None:
+            worker.spawn()
+
+    def _break(self, cause: str) -> None:
+        """Too many failed starts: fail everything with BrokenPool and stop the survivors."""
+        self._state = PoolState.BROKEN
+        self._broken_cause = f"pool {self.pool_id!r} is broken: {cause}"
+        log.error(self._broken_cause)
+        error = BrokenPool(self._broken_cause)
+        assert self._started is not None
+        if not self._started.done():
+            self._started.set_exception(error)
+        while self._pending:
+            self._resolve(self._pending.popleft(), False, error)
+        for worker in self.workers:
+            for task in worker.in_flight:
+                self._resolve(task, False, error)
+            if worker.process is not None:
+                worker.kill(error, 0)
+        if self._room is not None:
+            self._room.set()
+
+    # -- health and statistics -------------------------------------------------------------------
+
+    def _queue_size(self) -> int:
+        return len(self._pending)
+
+    def _health(self) -> tuple[str, str | None, int]:
+        healthy = sum(w.is_healthy() for w in self.workers)
+        state = self._state
+        if state is PoolState.BROKEN:
+            return "broken", self._broken_cause, healthy
+        if state is not PoolState.RUNNING:
+            return "not_running", f"pool is {state.value}", healthy
+        if healthy == POOL_SIZE:
+            return "healthy", None, healthy
+        sick = [f"{w.worker_id} is {w.state}" if w.state not in ("idle", "busy")
+                else f"{w.worker_id} failed {w.consecutive_failures} tasks in a row"
+                for w in self.workers if not w.is_healthy()]
+        return "degraded", "; ".join(sick), healthy
+
+    async def health_check(self) -> dict[str, Any]:
+        """Pool health: ``status`` is healthy, degraded (with ``reason``), broken or not_running."""
+        status, reason, healthy = self._health()
+        return {
+            "pool_id": self.pool_id,
+            "status": status,
+            "reason": reason,
+            "workers_healthy": healthy,
+            "workers_total": POOL_SIZE,
+            "workers": [w.get_status() for w in self.workers],
+        }
+
+    def get_status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot of the pool's state and statistics."""
+        finished = self.tasks_completed + self.tasks_failed
+        status, reason, healthy = self._health()
+        latencies = sorted(self._latencies)
+        return {
+            "pool_id": self.pool_id,
+            "state": self._state.value,
+            "running": self.running,
+            "health": status,
+            "workers_count": POOL_SIZE,
+            "queue_size": len(self._pending),
+            "tasks_in_flight": sum(len(w.in_flight) for w in self.workers),
+            "tasks_submitted": self.tasks_submitted,
+            "tasks_completed": self.tasks_completed,
+            "tasks_failed": self.tasks_failed,
+            "tasks_cancelled": self.tasks_cancelled,
+            "tasks_timed_out": self.tasks_timed_out,
+            "tasks_crashed": self.tasks_crashed,
+            "workers_restarted": self.workers_restarted,
+            "success_rate": self.tasks_completed / finished if finished else 1.0,
+            "workers_healthy": healthy,
+            "latency_p50": _percentile(latencies, 50),
+            "latency_p95": _percentile(latencies, 95),
+            "latency_p99": _percentile(latencies, 99),
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "start_method": self.start_method,
+            "handler": self._handler_path,
+            "workers": [w.get_status() for w in self.workers],
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerPool {self.pool_id!r} {self._state.value} pending={len(self._pending)} "
+            f"in_flight={sum(len(w.in_flight) for w in self.workers)} "
+            f"completed={self.tasks_completed} failed={self.tasks_failed}>"
+        )
+
+
+_pool_numbers = itertools.count(1)
+
+
+def _percentile(sorted_values: list[float], pct: float) -> float | None:
+    if not sorted_values:
+        return None
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return stats_lib.quantiles(sorted_values, n=100, method="inclusive")[int(pct) - 1]

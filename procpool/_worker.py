@@ -1,0 +1,483 @@
+"""Parent-side handle of one worker slot: spawn its process, talk to it, probe it, kill it.
+
+A :class:`Worker` is one of a pool's three slots. It outlives the processes that fill it: when
+its process dies, the pool calls :meth:`Worker.spawn` again and the slot gets a new pid and fresh
+pipes (a process killed mid-write can leave a pipe holding half a message, so pipes are never
+reused). All I/O is non-blocking on the event loop: the result pipe and the process sentinel are
+registered with ``loop.add_reader``, so results and deaths wake the loop; nothing polls.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import psutil
+
+from procpool import _child
+from procpool import _messages as m
+from procpool.errors import RemoteTraceback, SerializationError
+
+if TYPE_CHECKING:
+    from procpool._pool import Task, WorkerPool
+
+log = logging.getLogger("procpool.worker")
+
+# One read takes whatever the pipe holds, up to this much: many small results per syscall.
+READ_SIZE = 1 << 18
+# A worker with this many failures in a row is unhealthy until a task succeeds again.
+UNHEALTHY_AFTER_FAILURES = 3
+
+
+_lifeline: Any = None
+
+
+def lifeline() -> Any:
+    """The read end of a pipe whose write end only this process holds, for workers to watch.
+
+    It reads EOF when this process dies, however it dies. multiprocessing's own parent sentinel
+    cannot serve: under forkserver every child also holds the server's liveness pipe, so the
+    server and its children keep each other alive after the parent is gone.
+    """
+    global _lifeline
+    if _lifeline is None:
+        read_fd, _write_fd = os.pipe()  # the write end stays open, unused, until we exit
+        _lifeline = multiprocessing.connection.Connection(read_fd, writable=False)
+    return _lifeline
+
+
+def decode_error(payload: bytes) -> BaseException:
+    """Rebuild a task's exception from an ERROR payload, the remote traceback as its cause."""
+    name, tb, exc_bytes = pickle.loads(payload)
+    exc: BaseException
+    if exc_bytes is None:
+        exc = SerializationError(f"the task raised {name}, which could not be pickled; see the cause")
+    else:
+        try:
+            exc = pickle.loads(exc_bytes)
+        except Exception as err:
+            exc = SerializationError(
+                f"the task raised {name}, which could not be unpickled in the parent ({err!r}); see the cause"
+            )
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+@attrs.define(eq=False, repr=False)
+class Worker:
+    """One of a pool's worker slots and the process that currently fills it.
+
+    Read-only for users: ``worker_id``, ``pid``, ``state``, ``restarts``, ``health_check()``,
+    ``get_status()``.
+    """
+
+    pool: WorkerPool
+    index: int
+    worker_id: str
+    # "starting" until Ready arrives, then "idle"/"busy"; "stopping" once a kill is under way;
+    # "stuck" while the monitor holds evidence against it; "dead" between a death and a respawn.
+    state: str = "dead"
+    # How many times the slot's process was replaced.
+    restarts: int = 0
+    process: Any = None
+    pid: int | None = None
+    # Tasks written to this worker, oldest first: the head is running, the rest wait in the pipe.
+    in_flight: collections.deque[Task] = attrs.Factory(collections.deque)
+    # Shared with the child: running seq, last heartbeat, cancelled-before-start ring.
+    shared: Any = None
+    # Per-slot sequence numbers index the cancel ring; a window never exceeds the ring.
+    _next_seq: int = 0
+    _call_fd: int = -1
+    _result_fd: int = -1
+    # Keep the Connection objects alive: they own the file descriptors.
+    _conns: tuple[Any, ...] = ()
+    _frames: m.FrameReader = attrs.Factory(m.FrameReader)
+    # Bytes the call pipe would not take yet; written when it drains.
+    _out: bytearray = attrs.Factory(bytearray)
+    _sentinel: int | None = None
+    _psutil: psutil.Process | None = None
+    # Set when the parent kills the worker on purpose: the error the running task gets.
+    kill_reason: BaseException | None = None
+    init_failure: str | None = None
+    spawned_at: float = 0.0
+    stack_path: str | None = None
+    # Statistics.
+    tasks_processed: int = 0
+    tasks_succeeded: int = 0
+    tasks_failed: int = 0
+    consecutive_failures: int = 0
+    processing_time: float = 0.0
+    last_activity: float | None = None
+    head_started: float = 0.0
+
+    # -- process lifecycle -------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start a fresh process in this slot with fresh pipes; Ready arrives later."""
+        pool = self.pool
+        ctx = pool._ctx
+        loop = pool._loop
+        call_r, call_w = ctx.Pipe(duplex=False)
+        result_r, result_w = ctx.Pipe(duplex=False)
+        if self.shared is None:
+            self.shared = ctx.RawArray("q", _child.STATE_SIZE)
+        else:
+            for i in range(_child.STATE_SIZE):
+                self.shared[i] = 0
+        self.process = ctx.Process(
+            target=_child.main,
+            args=(
+                call_r,
+                result_w,
+                self.shared,
+                pool._handler_path,
+                pool._initializer,
+                pool._initargs,
+                self.stack_path,
+                lifeline(),
+            ),
+            name=f"procpool-{self.worker_id}",
+        )
+        self.state = "starting"
+        self.init_failure = None
+        self.kill_reason = None
+        self._next_seq = 0
+        self._frames = m.FrameReader()
+        self._out = bytearray()
+        self.spawned_at = time.monotonic()
+        try:
+            self.process.start()
+        finally:
+            call_r.close()
+            result_w.close()
+        self.pid = self.process.pid
+        self._psutil = None
+        self._conns = (call_w, result_r)
+        self._call_fd = call_w.fileno()
+        self._result_fd = result_r.fileno()
+        os.set_blocking(self._call_fd, False)
+        os.set_blocking(self._result_fd, False)
+        self._sentinel = self.process.sentinel
+        loop.add_reader(self._result_fd, self._on_readable)
+        loop.add_reader(self._sentinel, self._on_exit)
+        log.debug("worker %s starting as pid %s", self.worker_id, self.pid)
+
+    def _release(self) -> None:
+        """Stop watching the dead process and close the parent's pipe ends."""
+        loop = self.pool._loop
+        if self._sentinel is not None:
+            loop.remove_reader(self._sentinel)
+            self._sentinel = None
+        if self._result_fd >= 0:
+            loop.remove_reader(self._result_fd)
+            self._result_fd = -1
+        if self._call_fd >= 0:
+            loop.remove_writer(self._call_fd)
+            self._call_fd = -1
+        for conn in self._conns:
+            conn.close()
+        self._conns = ()
+        self._out = bytearray()
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+
+    def _on_exit(self) -> None:
+        """The process sentinel fired: collect its last results, then report the death."""
+        process = self.process
+        self._drain()
+        loop = self.pool._loop
+        if self._sentinel is not None:
+            loop.remove_reader(self._sentinel)
+            self._sentinel = None
+        # The sentinel fires when the child's pipe end closes, a moment before it can be reaped.
+        process.join(1.0)
+        exitcode = process.exitcode
+        if exitcode is None:  # pragma: no cover - a process that closed its fds but lives on
+            process.kill()
+            process.join(1.0)
+            exitcode = process.exitcode
+        pid = self.pid
+        # Processes its tasks started are orphans in its process group now: end them too. The
+        # group id cannot be reused while any of them lives.
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        tasks = list(self.in_flight)
+        self.in_flight.clear()
+        running = self.shared[_child.CURRENT]
+        never_ready = self.state == "starting"
+        self._release()
+        self.state = "dead"
+        self.pool._worker_exited(self, pid, exitcode, tasks, running, never_ready)
+
+    def kill(self, reason: BaseException | None, grace: float) -> None:
+        """Stop the process and every process its tasks started: SIGTERM, then SIGKILL."""
+        if self.process is None or self.state == "stopping":
+            return
+        self.state = "stopping"
+        self.kill_reason = reason
+        tree = self._descendants()
+        self._signal_all(tree, signal.SIGTERM)
+        if grace > 0:
+            self.pool._loop.call_later(grace, self._signal_all_if_alive, tree, self.process)
+        else:
+            self._signal_all(tree, signal.SIGKILL)
+
+    def _descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def _signal_all_if_alive(self, tree: list[psutil.Process], process: Any) -> None:
+        if process is self.process:  # the slot has not been refilled yet
+            self._signal_all(tree, signal.SIGKILL)
+        else:  # the worker is gone; finish off anything its task left behind
+            for child in tree:
+                _signal(child, signal.SIGKILL)
+
+    def _signal_all(self, tree: list[psutil.Process], sig: int) -> None:
+        # The worker leads its own process group: one killpg reaches it and the processes its
+        # tasks started; the psutil snapshot catches any that moved to a group of their own.
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                if self.process is not None and self.process.exitcode is None:
+                    try:
+                        os.kill(self.pid, sig)
+                    except ProcessLookupError:
+                        pass
+        for child in tree:
+            _signal(child, sig)
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def send(self, tasks: list[Task]) -> None:
+        """Write tasks to the worker's call pipe in one syscall; they run in this order."""
+        now = time.monotonic()
+        if not self.in_flight:
+            self.head_started = now
+        chunks = []
+        frame = m.frame
+        body = m.body
+        for task in tasks:
+            self._next_seq += 1
+            task.seq = self._next_seq
+            task.worker = self
+            task.state = "sent"
+            self.in_flight.append(task)
+            chunks.append(frame(body(task.seq, m.CALL, task.payload)))
+        if self.state == "idle":
+            self.state = "busy"
+        head = self.in_flight[0]
+        if head.timer is None and head.timeout is not None:
+            self.pool._arm_timeout(self, head)
+        self._write(b"".join(chunks))
+
+    def send_exit(self) -> None:
+        """Ask the child to leave its loop once it has run what it holds."""
+        self._write(m.frame(m.body(0, m.EXIT)))
+
+    def _write(self, data: bytes) -> None:
+        if self._call_fd < 0:
+            return
+        if self._out:
+            self._out += data
+            return
+        try:
+            n = os.write(self._call_fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:  # the child is gone; its sentinel reports the death
+            return
+        if n < len(data):
+            self._out += data[n:]
+            self.pool._loop.add_writer(self._call_fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            n = os.write(self._call_fd, self._out)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = len(self._out)
+        del self._out[:n]
+        if not self._out:
+            self.pool._loop.remove_writer(self._call_fd)
+
+    def cancel_unstarted(self, task: Task) -> None:
+        """Mark a task already written to the pipe so the child skips it."""
+        self.shared[_child.CANCEL + task.seq % _child.CANCEL_RING] = task.seq
+
+    def is_running(self, task: Task) -> bool:
+        """Whether the child has started this task (it may be finishing it right now)."""
+        return bool(self.shared[_child.CURRENT] == task.seq)
+
+    def _drain(self) -> None:
+        """Read every result the dead child managed to write."""
+        while self._result_fd >= 0:
+            try:
+                data = os.read(self._result_fd, READ_SIZE)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self._handle_bodies(self._frames.feed(data))
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._result_fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the child closed its end; its sentinel will report the exit
+            self.pool._loop.remove_reader(self._result_fd)
+            return
+        self._handle_bodies(self._frames.feed(data))
+
+    def _handle_bodies(self, bodies: list[bytes]) -> None:
+        pool = self.pool
+        unpack = m.HEADER.unpack_from
+        size = m.HEADER.size
+        loads = pickle.loads
+        in_flight = self.in_flight
+        for data in bodies:
+            seq, kind = unpack(data)
+            if kind == m.OK:
+                task = in_flight.popleft()
+                try:
+                    value = loads(memoryview(data)[size:])
+                except Exception as exc:
+                    err = SerializationError(f"the task's result could not be unpickled in the parent: {exc!r}")
+                    err.__cause__ = exc
+                    self._finished(task, False, err)
+                else:
+                    self._finished(task, True, value)
+            elif kind == m.ERROR:
+                task = in_flight.popleft()
+                try:
+                    err = decode_error(data[size:])
+                except Exception as exc:  # pragma: no cover - the envelope is str and bytes
+                    err = SerializationError(f"the task's error could not be decoded: {exc!r}")
+                self._finished(task, False, err)
+            elif kind == m.SKIPPED:
+                task = in_flight.popleft()
+                self._finished(task, None, None)
+            elif kind == m.READY:
+                self.state = "stopping" if self.kill_reason is not None else "idle"
+                pool._worker_ready(self)
+            elif kind == m.INIT_FAILED:
+                self.init_failure = data[size:].decode(errors="replace")
+
+    def _finished(self, task: Task, ok: bool | None, value: Any) -> None:
+        now = time.monotonic()
+        if ok is not None:
+            duration = now - self.head_started
+            self.tasks_processed += 1
+            self.processing_time += duration
+            self.last_activity = time.time()
+            if ok:
+                self.tasks_succeeded += 1
+                self.consecutive_failures = 0
+            else:
+                self.tasks_failed += 1
+                self.consecutive_failures += 1
+        else:
+            duration = None
+        self.head_started = now
+        if self.in_flight:
+            head = self.in_flight[0]
+            if head.timeout is not None and head.timer is None:
+                self.pool._arm_timeout(self, head)
+        elif self.state == "busy":
+            self.state = "idle"
+        self.pool._task_finished(self, task, ok, value, duration)
+
+    # -- health --------------------------------------------------------------------------------
+
+    def probe(self) -> psutil.Process | None:
+        """The psutil handle of the live process, or None."""
+        if self.pid is None or self.process is None:
+            return None
+        if self._psutil is None:
+            try:
+                self._psutil = psutil.Process(self.pid)
+            except psutil.Error:
+                return None
+        return self._psutil
+
+    def resources(self) -> dict[str, Any]:
+        """RSS in MB, CPU seconds and psutil status of the live process (None when unknown)."""
+        proc = self.probe()
+        if proc is None:
+            return {"rss_mb": None, "cpu_seconds": None, "process_status": None}
+        try:
+            with proc.oneshot():
+                rss = proc.memory_info().rss
+                times = proc.cpu_times()
+                status = proc.status()
+        except psutil.Error:
+            return {"rss_mb": None, "cpu_seconds": None, "process_status": "gone"}
+        return {
+            "rss_mb": round(rss / 2**20, 1),
+            "cpu_seconds": round(times.user + times.system, 3),
+            "process_status": status,
+        }
+
+    def is_healthy(self) -> bool:
+        """Alive, ready, not stuck, and fewer than three failures in a row."""
+        return (
+            self.state in ("idle", "busy")
+            and self.process is not None
+            and self.consecutive_failures < UNHEALTHY_AFTER_FAILURES
+        )
+
+    async def health_check(self) -> bool:
+        """Whether this worker is healthy (an idle worker is healthy however long it idles)."""
+        return self.is_healthy()
+
+    def get_status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot of this worker."""
+        finished = self.tasks_succeeded + self.tasks_failed
+        return {
+            "worker_id": self.worker_id,
+            "pid": self.pid,
+            "state": self.state,
+            "healthy": self.is_healthy(),
+            "restarts": self.restarts,
+            "tasks_in_flight": len(self.in_flight),
+            "tasks_processed": self.tasks_processed,
+            "tasks_succeeded": self.tasks_succeeded,
+            "tasks_failed": self.tasks_failed,
+            "consecutive_failures": self.consecutive_failures,
+            "success_rate": self.tasks_succeeded / finished if finished else 1.0,
+            "average_processing_time": self.processing_time / finished if finished else None,
+            "last_activity": self.last_activity,
+            **self.resources(),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<Worker {self.worker_id} pid={self.pid} state={self.state} "
+            f"in_flight={len(self.in_flight)} restarts={self.restarts}>"
+        )
+
+
+def _signal(proc: psutil.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except psutil.Error:
+        pass
+

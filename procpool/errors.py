@@ -1,0 +1,171 @@
+"""The errors procpool raises.
+
+Every failure path ends in one of these, or in the task's own exception type::
+
+    ProcPoolError
+    ├── WorkerCrashed            a worker process died while running the task (pid, exit code/signal)
+    │   ├── WorkerStuck          ... was judged stuck by the monitor and replaced
+    │   └── MemoryLimitExceeded  ... grew past max_memory_mb and was replaced
+    ├── TaskTimeout              (also TimeoutError) the task ran past its timeout; worker replaced
+    ├── SerializationError       (also pickle.PicklingError) an argument, result or exception
+    │                            could not cross the process boundary
+    ├── BrokenPool               (also concurrent.futures.BrokenExecutor) workers cannot start
+    ├── PoolClosed               (also RuntimeError) the pool is shut down or shutting down
+    ├── PoolFull                 the pool's pending queue is at max_pending (sync submit only)
+    ├── PoolNotFound             (also KeyError) no pool with that id in a PoolManager
+    └── NoPoolAvailable          a PoolManager has no pool that can take work
+
+A task's own exception is re-raised in the caller as its own type, with a
+:class:`RemoteTraceback` (the worker-side traceback text) as ``__cause__``.
+``asyncio.CancelledError`` is never wrapped.
+
+All errors pickle: their fields are positional arguments kept in ``args``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import pickle
+import signal
+
+__all__ = (
+    "BrokenPool",
+    "MemoryLimitExceeded",
+    "NoPoolAvailable",
+    "PoolClosed",
+    "PoolFull",
+    "PoolNotFound",
+    "ProcPoolError",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "WorkerStuck",
+    "describe_exit",
+)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Say how a process ended: ``exit code 3``, ``signal SIGKILL`` or ``still running``."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class ProcPoolError(Exception):
+    """Base class of every error procpool raises itself."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, attached as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class WorkerCrashed(ProcPoolError):
+    """The worker process running the task died; the pool replaced it.
+
+    Attributes:
+        pid: the dead worker's process id.
+        exitcode: its exit code, negative for a signal (``-9`` is SIGKILL).
+        detail: what else is known (the task, the likely cause).
+    """
+
+    def __init__(self, pid: int | None, exitcode: int | None, detail: str = "") -> None:
+        super().__init__(pid, exitcode, detail)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.detail = detail
+
+    def __str__(self) -> str:
+        text = f"worker pid {self.pid} died ({describe_exit(self.exitcode)}) while running the task"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+class WorkerStuck(WorkerCrashed):
+    """The worker held the task without progress for too long; it was killed and replaced.
+
+    ``detail`` carries the evidence: how long, CPU seconds, psutil status and the task's stack.
+    """
+
+    def __str__(self) -> str:
+        return f"worker pid {self.pid} was stuck and replaced: {self.detail}"
+
+
+class MemoryLimitExceeded(WorkerCrashed):
+    """The worker's RSS passed ``max_memory_mb`` while running the task; it was replaced."""
+
+    def __str__(self) -> str:
+        return f"worker pid {self.pid} exceeded its memory limit and was replaced: {self.detail}"
+
+
+class TaskTimeout(ProcPoolError, TimeoutError):
+    """The task ran longer than its timeout; its worker (and its process tree) was killed.
+
+    Attributes:
+        timeout: the limit in seconds.
+        pid: the worker that ran it, or None if it never started.
+    """
+
+    def __init__(self, timeout: float, pid: int | None = None, detail: str = "") -> None:
+        super().__init__(timeout, pid, detail)
+        self.timeout = timeout
+        self.pid = pid
+        self.detail = detail
+
+    def __str__(self) -> str:
+        where = f" on worker pid {self.pid}" if self.pid is not None else ""
+        text = f"task timed out after {self.timeout:g} s{where}; the worker was killed and replaced"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+class SerializationError(ProcPoolError, pickle.PicklingError):
+    """A task's function, argument, result or exception could not be pickled or unpickled."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "serialization failed"
+
+
+class BrokenPool(ProcPoolError, concurrent.futures.BrokenExecutor):
+    """The pool cannot run work: its workers fail to start (crash loop or failing initializer)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "the pool is broken"
+
+
+class PoolClosed(ProcPoolError, RuntimeError):
+    """The pool is shut down (or shutting down) and takes no more work."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "the pool is closed"
+
+
+class PoolFull(ProcPoolError):
+    """``submit`` found ``max_pending`` tasks already waiting; await ``apply`` to wait for room."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "the pool's pending queue is full"
+
+
+class PoolNotFound(ProcPoolError, KeyError):
+    """A PoolManager has no pool with the given id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no such pool"
+
+
+class NoPoolAvailable(ProcPoolError):
+    """A PoolManager has no running pool to route the task to."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "no pool available"

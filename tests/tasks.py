@@ -1,0 +1,178 @@
+"""Task functions for the tests. They live in a module so that worker processes can import them."""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def slow_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def sleep_then(seconds: float, value: object) -> object:
+    time.sleep(seconds)
+    return value
+
+
+async def async_double(x: int) -> int:
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+class CustomError(Exception):
+    pass
+
+
+def raise_custom(message: str) -> None:
+    raise CustomError(message)
+
+
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def exit_now(code: int) -> None:
+    os._exit(code)
+
+
+def kill_self(sig: int = signal.SIGKILL) -> None:
+    os.kill(os.getpid(), sig)
+
+
+def segfault() -> None:
+    faulthandler.disable()  # keep the test output quiet
+    faulthandler._sigsegv()
+
+
+def touch_after(path: str, seconds: float) -> None:
+    """Sleep, then create a file: if the file appears, the task was not stopped."""
+    time.sleep(seconds)
+    Path(path).touch()
+
+
+def count_and_return(path: str, value: object) -> object:
+    """Append one line per run, so a test can count how often the task ran."""
+    with open(path, "a") as f:
+        f.write(f"{value}\n")
+    return value
+
+
+def wait_for_file(path: str, timeout: float = 30.0) -> int:
+    """Block until a file exists (a barrier the test opens), then return this worker's pid."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
+    return os.getpid()
+
+
+def mark_then_wait(mark: str, barrier: str, timeout: float = 30.0) -> int:
+    """Create ``mark`` (the test knows the task started), then wait for ``barrier``."""
+    Path(mark).touch()
+    return wait_for_file(barrier, timeout)
+
+
+def spawn_grandchild(seconds: float) -> int:
+    """Start a long-running subprocess and block; return nothing useful (the test kills us)."""
+    proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    Path(f"/tmp/procpool-grandchild-{os.getpid()}").write_text(str(proc.pid))
+    time.sleep(seconds)
+    return proc.pid
+
+
+def busy_loop(seconds: float) -> int:
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def unpicklable_result() -> object:
+    return threading.Lock()
+
+
+class Unloadable:
+    """Pickles fine, fails to unpickle: __reduce__ names a function that raises."""
+
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse() -> None:
+    raise RuntimeError("this object refuses to be unpickled")
+
+
+def unloadable_result() -> object:
+    return Unloadable()
+
+
+class NeedsArgsError(Exception):
+    """An exception whose unpickling fails: __init__ needs two arguments, args holds one."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_needs_args() -> None:
+    raise NeedsArgsError("x", "y")
+
+
+def raise_unpicklable() -> None:
+    err = ValueError("carries a lock")
+    err.lock = threading.Lock()  # type: ignore[attr-defined]
+    raise err
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("initializer refuses")
+
+
+_initialized: list[str] = []
+
+
+def record_init(value: str) -> None:
+    _initialized.append(value)
+
+
+def initialized() -> list[str]:
+    return list(_initialized)
+
+
+def prompt_handler(prompt: str, context: dict) -> str:
+    if prompt == "fail":
+        raise ValueError("handler failed on purpose")
+    return f"{prompt.upper()}:{context.get('n', 0)}"
+
+
+async def async_handler(prompt: str, context: dict) -> str:
+    await asyncio.sleep(0)
+    return prompt[::-1]
+
+
+def fail_on_seven(x: int) -> int:
+    return fail_on(x, 7)
