@@ -763,8 +763,15 @@ class WorkerPool:
 
     # -- health and statistics -------------------------------------------------------------------
 
-    def _queue_size(self) -> int:
-        return len(self._pending)
+    @property
+    def load(self) -> int:
+        """Tasks waiting plus tasks held by workers: a cheap figure for routing."""
+        return len(self._pending) + sum(len(w.in_flight) for w in self.workers)
+
+    @property
+    def health(self) -> str:
+        """``healthy``, ``degraded``, ``broken`` or ``not_running``, computed without psutil."""
+        return self._health()[0]
 
     def _health(self) -> tuple[str, str | None, int]:
         healthy = sum(w.is_healthy() for w in self.workers)
