@@ -5,7 +5,7 @@
         print(await pool.execute("hello"))
 """
 
-import logging
+import logging as _logging
 
 from procpool._child import heartbeat
 from procpool._pool import POOL_SIZE, PoolState, WorkerPool
@@ -28,7 +28,7 @@ from procpool.errors import (
 __version__ = "0.1.0"
 
 # A library logs, it does not print: without the application's own logging set-up, stay silent.
-logging.getLogger("procpool").addHandler(logging.NullHandler())
+_logging.getLogger("procpool").addHandler(_logging.NullHandler())
 
 __all__ = (
     "POOL_SIZE",
