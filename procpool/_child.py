@@ -75,7 +75,7 @@ def run_handler(prompt: Any, context: Any) -> Any:
 
 def run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], bytes | None]:
     """Run ``fn`` over a map() chunk; stop at the first error and return it encoded."""
-    out = []
+    out: list[Any] = []
     for item in items:
         try:
             value = fn(item)

@@ -30,30 +30,36 @@ import asyncio
 import atexit
 import collections
 import enum
+import functools
 import itertools
 import logging
 import math
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import statistics as stats_lib
+import tempfile
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
+import psutil
 
 from procpool import _child
 from procpool._worker import Worker, decode_error
 from procpool.errors import (
     BrokenPool,
+    MemoryLimitExceeded,
     PoolClosed,
     PoolFull,
     SerializationError,
     TaskTimeout,
     WorkerCrashed,
+    WorkerStuck,
     describe_exit,
 )
 
@@ -81,6 +87,15 @@ TARGET_CHUNK_SECONDS = 0.01
 MAX_CHUNKSIZE = 8192
 # Recent task durations kept for latency percentiles.
 LATENCY_WINDOW = 1000
+# A worker holding one task this long without using CPU or sending a heartbeat is stuck.
+DEFAULT_STUCK_AFTER = 300.0
+# How often the monitor samples the workers with psutil (capped by stuck_after / 4). Results and
+# deaths never wait for it: they wake the loop directly. It only watches resources and progress.
+MONITOR_INTERVAL = 0.5
+# CPU seconds a task must use between two looks to count as progress (one clock tick).
+CPU_PROGRESS = 0.01
+# Between asking a stuck worker for its stack (SIGUSR1 -> faulthandler) and killing it.
+STACK_DUMP_GRACE = 0.25
 
 
 class PoolState(enum.Enum):
@@ -212,6 +227,13 @@ class WorkerPool:
         start_method: ``"forkserver"`` (default where available) or ``"spawn"``. ``"fork"`` is
             refused: forking a parent that runs threads and an event loop is unsafe.
         max_pending: how many tasks may wait for a worker (backpressure).
+        stuck_after: seconds a worker may hold one task with no CPU progress and no
+            :func:`procpool.heartbeat` before it is judged stuck (None: never).
+        replace_stuck: kill and replace a stuck worker, failing its task with
+            :class:`WorkerStuck` (default); if False it is only reported unhealthy.
+        max_tasks_per_worker: replace a worker after it has run this many tasks.
+        max_memory_mb: replace a worker whose RSS passes this: after a task, gracefully; while
+            a task runs, at once, failing the task with :class:`MemoryLimitExceeded`.
     """
 
     def __init__(
@@ -224,6 +246,10 @@ class WorkerPool:
         initargs: Sequence[Any] = (),
         start_method: str | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        stuck_after: float | None = DEFAULT_STUCK_AFTER,
+        replace_stuck: bool = True,
+        max_tasks_per_worker: int | None = None,
+        max_memory_mb: float | None = None,
     ) -> None:
         if pool_id is not None and (not isinstance(pool_id, str) or not pool_id):
             raise TypeError(f"pool_id must be a non-empty string or None, got {pool_id!r}")
@@ -240,6 +266,13 @@ class WorkerPool:
             raise TypeError("initializer must be callable")
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
+        for name, value in (("max_tasks_per_worker", max_tasks_per_worker),):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self.stuck_after = _check_timeout(stuck_after, "stuck_after")
+        self.replace_stuck = bool(replace_stuck)
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.max_memory_mb = _check_timeout(max_memory_mb, "max_memory_mb")
         self.pool_id = pool_id or f"pool-{os.getpid()}-{next(_pool_numbers)}"
         self._handler_path = _handler_path(handler)
         self.task_timeout = _check_timeout(task_timeout, "task_timeout")
@@ -249,9 +282,7 @@ class WorkerPool:
             _pickle_call(initializer, self._initargs, {})
         self.start_method = start_method
         self.max_pending = max_pending
-        self.workers: list[Worker] = [
-            Worker(self, i, f"{self.pool_id}-w{i}") for i in range(POOL_SIZE)
-        ]
+        self.workers: list[Worker] = [Worker(self, i, f"{self.pool_id}-w{i}") for i in range(POOL_SIZE)]
         self._state = PoolState.INITIAL
         self._ctx: Any = None
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -278,6 +309,10 @@ class WorkerPool:
         self.tasks_timed_out = 0
         self.tasks_crashed = 0
         self.workers_restarted = 0
+        self.workers_recycled = 0
+        self.workers_stuck = 0
+        self._monitor: asyncio.Task[None] | None = None
+        self._stack_dir: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -313,6 +348,10 @@ class WorkerPool:
             self._closed_event = asyncio.Event()
             self._state = PoolState.STARTING
             _live_pools.add(self)
+            self._stack_dir = tempfile.mkdtemp(prefix=f"procpool-{os.getpid()}-")
+            for worker in self.workers:
+                worker.stack_path = os.path.join(self._stack_dir, f"{worker.index}.stack")
+            self._monitor = self._loop.create_task(self._monitor_loop(), name=f"procpool-monitor-{self.pool_id}")
             try:
                 for worker in self.workers:
                     worker.spawn()
@@ -362,7 +401,7 @@ class WorkerPool:
             worker.send_exit()
         try:
             await asyncio.wait_for(asyncio.shield(self._all_exited), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             reason = PoolClosed(f"pool {self.pool_id!r} shut down; the task was killed after {timeout:g} s")
             for worker in self.workers:
                 if worker.process is not None:
@@ -371,6 +410,10 @@ class WorkerPool:
             await asyncio.shield(self._all_exited)
         self._state = PoolState.CLOSED
         _live_pools.discard(self)
+        if self._monitor is not None:
+            self._monitor.cancel()
+        if self._stack_dir is not None:
+            shutil.rmtree(self._stack_dir, ignore_errors=True)
         self._closed_event.set()
         log.info("pool %s shut down", self.pool_id)
 
@@ -507,8 +550,7 @@ class WorkerPool:
                 task, count = window.popleft()
                 values, error = await task.future
                 if chunksize is None and task.duration:
-                    per_item = task.duration / count
-                    size = max(1, min(MAX_CHUNKSIZE, int(TARGET_CHUNK_SECONDS / per_item) if per_item else MAX_CHUNKSIZE))
+                    size = max(1, min(MAX_CHUNKSIZE, int(TARGET_CHUNK_SECONDS * count / task.duration)))
                 for value in values:
                     yield value
                 if error is not None:
@@ -566,13 +608,15 @@ class WorkerPool:
         loop = self._loop
         future = loop.create_future()
         task = Task(next(self._task_ids), payload, future, timeout, time.monotonic())
-        future.add_done_callback(lambda f, task=task: f.cancelled() and self._on_cancelled(task))
+        future.add_done_callback(functools.partial(self._on_future_done, task))
         self.tasks_submitted += 1
         if not pending and self._state is PoolState.RUNNING:
             # Fast path for latency: an idle worker takes the task right now.
             for worker in self.workers:
                 if worker.state == "idle" and not worker.in_flight:
                     worker.send([task])
+                    if self.max_tasks_per_worker is not None and worker.sent_count >= self.max_tasks_per_worker:
+                        self._recycle(worker, f"it has run {self.max_tasks_per_worker} tasks (max_tasks_per_worker)")
                     return task
         pending.append(task)
         if not self._dispatch_scheduled:
@@ -595,14 +639,19 @@ class WorkerPool:
         window = self._window()
         ready = [w for w in self.workers if w.state in ("idle", "busy") and len(w.in_flight) < window]
         ready.sort(key=lambda w: len(w.in_flight))
+        limit = self.max_tasks_per_worker
         for i, worker in enumerate(ready):
             if not pending:
                 break
             share = -(-len(pending) // (len(ready) - i))
             take = min(share, window - len(worker.in_flight))
+            if limit is not None:
+                take = min(take, limit - worker.sent_count)
             batch = [pending.popleft() for _ in range(min(take, len(pending)))]
             if batch:
                 worker.send(batch)
+            if limit is not None and worker.sent_count >= limit:
+                self._recycle(worker, f"it has run {limit} tasks (max_tasks_per_worker)")
         if self._room is not None and len(pending) < self.max_pending:
             self._room.set()
 
@@ -632,13 +681,20 @@ class WorkerPool:
             return
         self.tasks_timed_out += 1
         error = TaskTimeout(task.timeout or 0.0, worker.pid)
-        log.warning("task %s timed out after %s s on worker %s (pid %s); replacing the worker",
-                    task.id, task.timeout, worker.worker_id, worker.pid)
+        log.warning(
+            "task %s timed out after %s s on worker %s (pid %s); replacing the worker",
+            task.id,
+            task.timeout,
+            worker.worker_id,
+            worker.pid,
+        )
         self._resolve(task, False, error)
         worker.kill(error, KILL_GRACE)
 
-    def _on_cancelled(self, task: Task) -> None:
+    def _on_future_done(self, task: Task, future: asyncio.Future[Any]) -> None:
         """A caller cancelled a task's future: drop it if it has not started, else kill its worker."""
+        if not future.cancelled():
+            return
         self.tasks_cancelled += 1
         if task.state == "pending":
             try:
@@ -649,8 +705,12 @@ class WorkerPool:
         elif task.state == "sent" and task.worker is not None:
             worker = task.worker
             if worker.is_running(task):
-                log.info("task %s cancelled while running; replacing worker %s (pid %s)",
-                         task.id, worker.worker_id, worker.pid)
+                log.info(
+                    "task %s cancelled while running; replacing worker %s (pid %s)",
+                    task.id,
+                    worker.worker_id,
+                    worker.pid,
+                )
                 worker.kill(None, KILL_GRACE)
             else:
                 worker.cancel_unstarted(task)
@@ -669,6 +729,10 @@ class WorkerPool:
                 avg = self._avg_duration
                 self._avg_duration = duration if avg is None else avg + 0.1 * (duration - avg)
             self._resolve(task, ok, value)
+            if self.max_memory_mb is not None and not worker.retiring:
+                rss_mb = worker.rss_mb()
+                if rss_mb is not None and rss_mb > self.max_memory_mb:
+                    self._recycle(worker, f"its RSS is {rss_mb:.0f} MB, over max_memory_mb={self.max_memory_mb:g}")
         if self._pending and not self._dispatch_scheduled:
             self._dispatch_scheduled = True
             self._loop.call_soon(self._dispatch)
@@ -711,15 +775,19 @@ class WorkerPool:
         self._pending.extendleft(reversed(requeue))
         if closing:
             log.debug("worker %s (pid %s) exited: %s", worker.worker_id, pid, describe_exit(exitcode))
-            if self._all_exited is not None and not self._all_exited.done():
-                if all(w.process is None for w in self.workers):
-                    self._all_exited.set_result(None)
+            exited = self._all_exited
+            if exited is not None and not exited.done() and all(w.process is None for w in self.workers):
+                exited.set_result(None)
             return
         if never_ready:
             self._start_failed(worker, pid, exitcode)
             return
-        if worker.kill_reason is None:
+        if worker.retiring and exitcode == 0:
+            log.info("worker %s (pid %s) recycled", worker.worker_id, pid)
+        elif worker.kill_reason is None:
             log.warning("worker %s (pid %s) died: %s; replacing it", worker.worker_id, pid, describe_exit(exitcode))
+        else:
+            log.info("worker %s (pid %s) stopped (%s); replacing it", worker.worker_id, pid, describe_exit(exitcode))
         worker.restarts += 1
         self.workers_restarted += 1
         worker.spawn()
@@ -761,6 +829,110 @@ class WorkerPool:
         if self._room is not None:
             self._room.set()
 
+    def _recycle(self, worker: Worker, why: str) -> None:
+        """Replace a worker gracefully: it runs what it holds, exits, and a fresh one follows."""
+        if worker.retiring:
+            return
+        log.info("recycling worker %s (pid %s): %s", worker.worker_id, worker.pid, why)
+        self.workers_recycled += 1
+        worker.retire()
+
+    # -- internals: the monitor ------------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        """Sample every worker with psutil: stopped or zombie processes, memory, progress."""
+        interval = MONITOR_INTERVAL
+        if self.stuck_after is not None:
+            interval = min(interval, self.stuck_after / 4)
+        while self._state in (PoolState.STARTING, PoolState.RUNNING):
+            await asyncio.sleep(interval)
+            for worker in self.workers:
+                try:
+                    self._check_worker(worker)
+                except Exception:  # pragma: no cover - the monitor must outlive any surprise
+                    log.exception("monitor failed on worker %s", worker.worker_id)
+
+    def _check_worker(self, worker: Worker) -> None:
+        if worker.process is None or worker._killing or worker.state in ("starting", "dead"):
+            return
+        sample = worker.sample()
+        if sample is None:  # vanished: its sentinel reports the exit
+            return
+        status, rss, cpu = sample
+        pid = worker.pid
+        if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED, psutil.STATUS_DEAD, psutil.STATUS_TRACING_STOP):
+            log.warning("worker %s (pid %s) is %s; replacing it", worker.worker_id, pid, status)
+            worker.kill(WorkerCrashed(pid, None, f"the worker process was found {status} by the monitor"), KILL_GRACE)
+            return
+        head = worker.in_flight[0] if worker.in_flight else None
+        if head is None or not worker.is_running(head):
+            worker.watch_seq = 0
+            return
+        rss_mb = rss / 2**20
+        if self.max_memory_mb is not None and rss_mb > self.max_memory_mb:
+            log.warning(
+                "worker %s (pid %s) RSS %.0f MB over max_memory_mb=%g; replacing it",
+                worker.worker_id,
+                pid,
+                rss_mb,
+                self.max_memory_mb,
+            )
+            worker.kill(
+                MemoryLimitExceeded(
+                    pid,
+                    None,
+                    f"RSS {rss_mb:.0f} MB seen while running task {head.id}, over max_memory_mb={self.max_memory_mb:g}",
+                ),
+                KILL_GRACE,
+            )
+            return
+        now = time.monotonic()
+        beat = worker.shared[_child.BEAT] / 1e9
+        if worker.watch_seq != head.seq:
+            worker.watch_seq = head.seq
+            worker.watch_cpu = cpu
+            worker.progress_at = beat or now  # the child stamps the task's start
+            worker.task_cpu_start = cpu
+            return
+        if cpu - worker.watch_cpu >= CPU_PROGRESS:
+            worker.progress_at = now
+            worker.watch_cpu = cpu
+        if beat > worker.progress_at:
+            worker.progress_at = beat
+        idle_for = now - worker.progress_at
+        if self.stuck_after is None or idle_for < self.stuck_after:
+            if worker.state == "stuck":
+                worker.state = "busy"
+            return
+        if worker.state == "stuck":
+            return
+        worker.state = "stuck"
+        self.workers_stuck += 1
+        evidence = (
+            f"task {head.id} made no progress for {idle_for:.1f} s (stuck_after={self.stuck_after:g}); "
+            f"CPU {cpu - worker.task_cpu_start:.2f} s used by the task, process status {status!r}"
+        )
+        log.warning("worker %s (pid %s) is stuck: %s", worker.worker_id, pid, evidence)
+        if self.replace_stuck:
+            self._loop.create_task(self._replace_stuck(worker, head, evidence))
+
+    async def _replace_stuck(self, worker: Worker, task: Task, evidence: str) -> None:
+        """Capture the stuck task's Python stack, then kill and replace its worker."""
+        process, pid = worker.process, worker.pid
+        stack = ""
+        if pid is not None and worker.stack_path is not None:
+            try:
+                os.kill(pid, signal.SIGUSR1)  # faulthandler in the child writes every thread's stack
+                await asyncio.sleep(STACK_DUMP_GRACE)
+                with open(worker.stack_path, errors="replace") as f:
+                    stack = f.read().strip()
+            except (OSError, ProcessLookupError):
+                pass
+        if worker.process is not process or task.state != "sent":
+            return  # it finished or died meanwhile
+        detail = evidence + (f"\nstack of the stuck worker:\n{stack}" if stack else "")
+        worker.kill(WorkerStuck(pid, None, detail), KILL_GRACE)
+
     # -- health and statistics -------------------------------------------------------------------
 
     @property
@@ -782,9 +954,13 @@ class WorkerPool:
             return "not_running", f"pool is {state.value}", healthy
         if healthy == POOL_SIZE:
             return "healthy", None, healthy
-        sick = [f"{w.worker_id} is {w.state}" if w.state not in ("idle", "busy")
-                else f"{w.worker_id} failed {w.consecutive_failures} tasks in a row"
-                for w in self.workers if not w.is_healthy()]
+        sick = [
+            f"{w.worker_id} is {w.state}"
+            if w.state not in ("idle", "busy")
+            else f"{w.worker_id} failed {w.consecutive_failures} tasks in a row"
+            for w in self.workers
+            if not w.is_healthy()
+        ]
         return "degraded", "; ".join(sick), healthy
 
     async def health_check(self) -> dict[str, Any]:
@@ -809,6 +985,7 @@ class WorkerPool:
             "state": self._state.value,
             "running": self.running,
             "health": status,
+            "health_reason": reason,
             "workers_count": POOL_SIZE,
             "queue_size": len(self._pending),
             "tasks_in_flight": sum(len(w.in_flight) for w in self.workers),
@@ -819,6 +996,8 @@ class WorkerPool:
             "tasks_timed_out": self.tasks_timed_out,
             "tasks_crashed": self.tasks_crashed,
             "workers_restarted": self.workers_restarted,
+            "workers_recycled": self.workers_recycled,
+            "workers_stuck": self.workers_stuck,
             "success_rate": self.tasks_completed / finished if finished else 1.0,
             "workers_healthy": healthy,
             "latency_p50": _percentile(latencies, 50),

@@ -105,6 +105,17 @@ class Worker:
     _psutil: psutil.Process | None = None
     # Set when the parent kills the worker on purpose: the error the running task gets.
     kill_reason: BaseException | None = None
+    _killing: bool = False
+    # Recycling: no more tasks for this process; it exits once it has run what it holds.
+    retiring: bool = False
+    # Tasks written to the current process (for max_tasks_per_worker).
+    sent_count: int = 0
+    # Stuck detection: the seq being watched, its CPU seconds at the last look, and the last
+    # moment it showed progress (CPU used or a heartbeat).
+    watch_seq: int = 0
+    watch_cpu: float = 0.0
+    progress_at: float = 0.0
+    task_cpu_start: float = 0.0
     init_failure: str | None = None
     spawned_at: float = 0.0
     stack_path: str | None = None
@@ -148,6 +159,10 @@ class Worker:
         self.state = "starting"
         self.init_failure = None
         self.kill_reason = None
+        self._killing = False
+        self.retiring = False
+        self.sent_count = 0
+        self.watch_seq = 0
         self._next_seq = 0
         self._frames = m.FrameReader()
         self._out = bytearray()
@@ -222,8 +237,9 @@ class Worker:
 
     def kill(self, reason: BaseException | None, grace: float) -> None:
         """Stop the process and every process its tasks started: SIGTERM, then SIGKILL."""
-        if self.process is None or self.state == "stopping":
+        if self.process is None or self._killing:
             return
+        self._killing = True
         self.state = "stopping"
         self.kill_reason = reason
         tree = self._descendants()
@@ -271,6 +287,7 @@ class Worker:
         chunks = []
         frame = m.frame
         body = m.body
+        self.sent_count += len(tasks)
         for task in tasks:
             self._next_seq += 1
             task.seq = self._next_seq
@@ -288,6 +305,14 @@ class Worker:
     def send_exit(self) -> None:
         """Ask the child to leave its loop once it has run what it holds."""
         self._write(m.frame(m.body(0, m.EXIT)))
+
+    def retire(self) -> None:
+        """Take no more work; exit after the tasks already written (recycling)."""
+        if self.retiring or self._killing or self.process is None:
+            return
+        self.retiring = True
+        self.state = "stopping"
+        self.send_exit()
 
     def _write(self, data: bytes) -> None:
         if self._call_fd < 0:
@@ -354,9 +379,10 @@ class Worker:
         loads = pickle.loads
         in_flight = self.in_flight
         for data in bodies:
-            seq, kind = unpack(data)
+            _, kind = unpack(data)  # results arrive in the order the tasks were written
             if kind == m.OK:
                 task = in_flight.popleft()
+                err: BaseException
                 try:
                     value = loads(memoryview(data)[size:])
                 except Exception as exc:
@@ -376,7 +402,7 @@ class Worker:
                 task = in_flight.popleft()
                 self._finished(task, None, None)
             elif kind == m.READY:
-                self.state = "stopping" if self.kill_reason is not None else "idle"
+                self.state = "stopping" if self._killing or self.retiring else "idle"
                 pool._worker_ready(self)
             elif kind == m.INIT_FAILED:
                 self.init_failure = data[size:].decode(errors="replace")
@@ -401,7 +427,7 @@ class Worker:
             head = self.in_flight[0]
             if head.timeout is not None and head.timer is None:
                 self.pool._arm_timeout(self, head)
-        elif self.state == "busy":
+        elif self.state in ("busy", "stuck"):
             self.state = "idle"
         self.pool._task_finished(self, task, ok, value, duration)
 
@@ -417,6 +443,26 @@ class Worker:
             except psutil.Error:
                 return None
         return self._psutil
+
+    def sample(self) -> tuple[str, int, float] | None:
+        """psutil status, RSS bytes and CPU seconds of the live process; None if it is gone."""
+        proc = self.probe()
+        if proc is None:
+            return None
+        try:
+            with proc.oneshot():
+                times = proc.cpu_times()
+                return proc.status(), proc.memory_info().rss, times.user + times.system
+        except psutil.Error:
+            return None
+
+    def rss_mb(self) -> float | None:
+        """The live process's resident memory in MB, or None."""
+        proc = self.probe()
+        try:
+            return proc.memory_info().rss / 2**20 if proc is not None else None
+        except psutil.Error:
+            return None
 
     def resources(self) -> dict[str, Any]:
         """RSS in MB, CPU seconds and psutil status of the live process (None when unknown)."""
@@ -439,7 +485,7 @@ class Worker:
     def is_healthy(self) -> bool:
         """Alive, ready, not stuck, and fewer than three failures in a row."""
         return (
-            self.state in ("idle", "busy")
+            (self.state in ("idle", "busy") or (self.retiring and not self._killing))
             and self.process is not None
             and self.consecutive_failures < UNHEALTHY_AFTER_FAILURES
         )
@@ -480,4 +526,3 @@ def _signal(proc: psutil.Process, sig: int) -> None:
         proc.send_signal(sig)
     except psutil.Error:
         pass
-

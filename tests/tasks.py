@@ -176,3 +176,67 @@ async def async_handler(prompt: str, context: dict) -> str:
 
 def fail_on_seven(x: int) -> int:
     return fail_on(x, 7)
+
+
+def regex_forever() -> None:
+    """C code that never returns to the interpreter: catastrophic backtracking, GIL held."""
+    import re
+
+    re.match(r"(a+)+$", "a" * 64 + "b")
+
+
+def heartbeat_sleep(seconds: float, step: float = 0.1) -> str:
+    """Wait without using CPU, but report progress with procpool.heartbeat()."""
+    import procpool
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        procpool.heartbeat()
+        time.sleep(step)
+    return "done"
+
+
+def sleep_in_named_function(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+_hoard: list[bytes] = []
+
+
+def hold_memory(mb: int, seconds: float = 0.0) -> int:
+    """Allocate and keep ``mb`` MiB in the worker, then optionally wait."""
+    _hoard.append(bytearray(mb * 2**20))
+    for block in _hoard:
+        block[::4096] = b"x" * len(block[::4096])  # touch every page so it counts in RSS
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def spawn_and_wait(pidfile: str, seconds: float) -> None:
+    """Start a long-running subprocess, record its pid, then block."""
+    proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    Path(pidfile).write_text(str(proc.pid))
+    time.sleep(seconds)
+
+
+def chaos(kind: str, runs: str, task_id: int) -> object:
+    """One chaos-test task: record that it ran, then behave as ``kind`` says."""
+    with open(runs, "a") as f:
+        f.write(f"{task_id}\n")
+    if kind == "ok":
+        return task_id
+    if kind == "raise":
+        raise ValueError(f"task {task_id} raised")
+    if kind == "exit":
+        os._exit(3)
+    if kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "segfault":
+        segfault()
+    if kind in ("timeout", "stuck", "cancel"):
+        time.sleep(60)
+    if kind == "memory":
+        hold_memory(300, 60)
+    if kind == "unpicklable":
+        return threading.Lock()
+    raise AssertionError(kind)

@@ -370,7 +370,7 @@ def test_bad_pool_options_are_refused_at_creation():
         WorkerPool(handler="no_such_module:fn")
     with pytest.raises(ValueError, match="cannot be loaded"):
         WorkerPool(handler="procpool.handlers:no_such_function")
-    with pytest.raises(ValueError, match="package.module:function"):
+    with pytest.raises(ValueError, match=r"package\.module:function"):
         WorkerPool(handler="just-a-name")
     with pytest.raises(ValueError, match="module-level"):
         WorkerPool(handler=lambda p, c: p)
