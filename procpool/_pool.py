@@ -43,13 +43,14 @@ import statistics as stats_lib
 import tempfile
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Sized
 from typing import Any
 
 import attrs
 import psutil
 
 from procpool import _child
+from procpool._progress import ProgressArg, make_progress
 from procpool._worker import Worker, decode_error
 from procpool.errors import (
     BrokenPool,
@@ -488,10 +489,16 @@ class WorkerPool:
         prompts: Sequence[str],
         context: dict[str, Any] | None = None,
         timeout: float | None = None,
+        *,
+        progress: ProgressArg = None,
     ) -> list[Any]:
         """Run the handler on every prompt concurrently; results in input order.
 
         A prompt that fails leaves its exception in its place in the list; the others still run.
+
+        Args:
+            progress: ``True`` for a progress bar on an interactive stderr (needs rich), or a
+                callable ``callback(done, total)`` called as prompts finish.
 
         Raises:
             ValueError: ``prompts`` is empty. TypeError: it is not a list of strings.
@@ -502,15 +509,18 @@ class WorkerPool:
             raise ValueError("prompts must not be empty")
         calls = [self._prompt_call(p, context, timeout) for p in prompts]
         futures: list[asyncio.Future[Any]] = []
-        try:
-            for payload, task_timeout in calls:
-                await self._wait_ready_for_work()
-                futures.append(self._submit(payload, task_timeout).future)
-            return list(await asyncio.gather(*futures, return_exceptions=True))
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+        with make_progress(progress, len(calls), f"{self.pool_id}: batch") as reporter:
+            try:
+                for payload, task_timeout in calls:
+                    await self._wait_ready_for_work()
+                    future = self._submit(payload, task_timeout).future
+                    future.add_done_callback(lambda _: reporter.advance())
+                    futures.append(future)
+                return list(await asyncio.gather(*futures, return_exceptions=True))
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
 
     async def map(
         self,
@@ -519,18 +529,25 @@ class WorkerPool:
         *,
         chunksize: int | None = None,
         timeout: float | None = None,
+        progress: ProgressArg = None,
     ) -> AsyncIterator[Any]:
         """Yield ``fn(item)`` for every item, in input order, consuming the input lazily.
 
         Items travel in chunks; without ``chunksize`` the chunks grow until each takes about
         10 ms in a worker. The first item that raises ends the iteration with its exception.
-        ``timeout`` limits each chunk's run time.
+
+        Args:
+            timeout: run-time limit of each chunk.
+            progress: ``True`` for a progress bar on an interactive stderr (needs rich), or a
+                callable ``callback(done, total)``; ``total`` is None for inputs without a length.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer or None, got {chunksize!r}")
         timeout = self._timeout_or_default(timeout)
+        total = len(iterable) if isinstance(iterable, Sized) else None
+        reporter = make_progress(progress, total, f"{self.pool_id}: map")
         items = iter(iterable)
         size = chunksize or 1
         window: collections.deque[tuple[Task, int]] = collections.deque()
@@ -551,11 +568,13 @@ class WorkerPool:
                 values, error = await task.future
                 if chunksize is None and task.duration:
                     size = max(1, min(MAX_CHUNKSIZE, int(TARGET_CHUNK_SECONDS * count / task.duration)))
+                reporter.advance(len(values))
                 for value in values:
                     yield value
                 if error is not None:
                     raise decode_error(error)
         finally:
+            reporter.close()
             for task, _ in window:
                 task.future.cancel()
 

@@ -529,3 +529,15 @@ def test_pool_runs_with_spawn_too():
             return await pool.apply(tasks.square, (6,))
 
     assert asyncio.run(main()) == 36
+
+
+async def test_map_and_execute_batch_report_progress_to_a_callback():
+    """progress= callbacks see every item of map and every prompt of execute_batch, ending at the total."""
+    seen: list[tuple[int, int | None]] = []
+    async with WorkerPool(handler="tasks:prompt_handler") as pool:
+        results = [v async for v in pool.map(tasks.square, range(500), progress=lambda d, t: seen.append((d, t)))]
+        assert results == [i * i for i in range(500)]
+        assert seen[-1] == (500, 500) and all(t == 500 for _, t in seen)
+        seen.clear()
+        await pool.execute_batch(["a", "b", "c"], progress=lambda d, t: seen.append((d, t)))
+        assert seen == [(1, 3), (2, 3), (3, 3)]
