@@ -8,7 +8,7 @@
 import logging as _logging
 
 from procpool._child import heartbeat
-from procpool._pool import POOL_SIZE, PoolState, WorkerPool
+from procpool._pool import POOL_SIZE, PoolState, TaskReport, WorkerPool
 from procpool._worker import Worker
 from procpool.errors import (
     BrokenPool,
@@ -42,6 +42,7 @@ __all__ = (
     "ProcPoolError",
     "RemoteTraceback",
     "SerializationError",
+    "TaskReport",
     "TaskTimeout",
     "Worker",
     "WorkerCrashed",

@@ -64,7 +64,7 @@ from procpool.errors import (
     describe_exit,
 )
 
-__all__ = ("POOL_SIZE", "PoolState", "WorkerPool")
+__all__ = ("POOL_SIZE", "PoolState", "TaskReport", "WorkerPool")
 
 log = logging.getLogger("procpool.pool")
 
@@ -124,9 +124,36 @@ class Task:
     worker: Worker | None = None
     timer: asyncio.TimerHandle | None = None
     duration: float | None = None
+    # The pid of the worker the task was last sent to.
+    pid: int | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state} seq={self.seq}>"
+
+
+@attrs.frozen
+class TaskReport:
+    """The outcome of one prompt task, from :meth:`WorkerPool.execute_detailed`."""
+
+    task_id: int
+    pool_id: str
+    worker_id: str | None
+    # The worker process that ran it (None if it never reached one).
+    pid: int | None
+    # "completed" or "failed".
+    status: str
+    result: Any
+    error: BaseException | None
+    # Seconds the task ran in its worker (wall time since submission when it never finished there).
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def error_message(self) -> str | None:
+        """``"TypeName: message"`` of the error, or None."""
+        return None if self.error is None else f"{type(self.error).__name__}: {self.error}"
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
@@ -483,6 +510,41 @@ class WorkerPool:
         payload, timeout = self._prompt_call(prompt, context, timeout)
         await self._wait_ready_for_work()
         return await self._submit(payload, timeout).future
+
+    async def execute_detailed(
+        self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> TaskReport:
+        """Like :meth:`execute`, but report the outcome instead of raising the task's error.
+
+        For callers that show results to someone else (the MCP server, orchestrator adapters):
+        the report names the task, the worker that ran it and how long it took.
+
+        Raises:
+            TypeError/ValueError for bad arguments, :class:`PoolClosed`/:class:`BrokenPool` when
+            the pool cannot take work. A task's own failure is in the report, not raised.
+        """
+        payload, timeout = self._prompt_call(prompt, context, timeout)
+        await self._wait_ready_for_work()
+        task = self._submit(payload, timeout)
+        started = time.monotonic()
+        try:
+            value: Any = await task.future
+            error: BaseException | None = None
+        except (asyncio.CancelledError, PoolClosed, BrokenPool):
+            raise
+        except Exception as exc:
+            value, error = None, exc
+        worker = task.worker
+        return TaskReport(
+            task_id=task.id,
+            pool_id=self.pool_id,
+            worker_id=worker.worker_id if worker is not None else None,
+            pid=task.pid,
+            status="completed" if error is None else "failed",
+            result=value,
+            error=error,
+            duration=task.duration if task.duration is not None else time.monotonic() - started,
+        )
 
     async def execute_batch(
         self,

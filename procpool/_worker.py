@@ -292,6 +292,7 @@ class Worker:
             self._next_seq += 1
             task.seq = self._next_seq
             task.worker = self
+            task.pid = self.pid
             task.state = "sent"
             self.in_flight.append(task)
             chunks.append(frame(body(task.seq, m.CALL, task.payload)))

@@ -541,3 +541,15 @@ async def test_map_and_execute_batch_report_progress_to_a_callback():
         seen.clear()
         await pool.execute_batch(["a", "b", "c"], progress=lambda d, t: seen.append((d, t)))
         assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+async def test_execute_detailed_reports_worker_duration_and_failures():
+    """execute_detailed returns the result or the error with task id, worker id, pid and duration."""
+    async with WorkerPool("detail", handler="tasks:prompt_handler") as pool:
+        good = await pool.execute_detailed("hi", {"n": 1})
+        bad = await pool.execute_detailed("fail")
+    assert good.ok and good.result == "HI:1" and good.status == "completed"
+    assert good.pool_id == "detail" and good.worker_id.startswith("detail-w") and good.pid > 0
+    assert good.duration > 0 and good.task_id >= 1
+    assert not bad.ok and bad.status == "failed" and isinstance(bad.error, ValueError)
+    assert bad.error_message() == "ValueError: handler failed on purpose"
