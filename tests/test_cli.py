@@ -1,0 +1,176 @@
+"""The procpool command line, run as the real console script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import assert_gone
+
+from procpool._cli import benchmarks_dir
+
+SCRIPT = Path(sys.executable).with_name("procpool")
+# Every command is bounded; a hang fails the test instead of blocking the suite.
+DEADLINE = 120
+
+
+def procpool(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script and wait for it (subprocess.run kills it on timeout)."""
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "procpool"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=DEADLINE, cwd=cwd, env=env, check=False
+    )
+
+
+@pytest.fixture
+def user_module(tmp_path: Path) -> dict[str, str]:
+    """A temporary module of the user's functions, importable through PYTHONPATH."""
+    (tmp_path / "usertasks.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            def double(x):
+                return 2 * x
+
+            def inverse(x):
+                return 1 / x
+
+            def add(a, b):
+                return a + b
+
+            def whoami(_):
+                return os.getpid()
+            """
+        )
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_demo_json_accounts_for_every_task_and_restarts_killed_workers():
+    """demo --tasks 40 --json exits 0, every task is done or failed on purpose, workers restarted, none left."""
+    proc = procpool("demo", "--tasks", "40", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)  # stdout holds the JSON summary and nothing else
+    assert summary["tasks"] == 40
+    assert summary["done"] + summary["failed_on_purpose"] == 40
+    assert summary["all_accounted_for"] is True
+    assert summary["failed_unexpectedly"] == 0
+    assert summary["timed_out"] == 1 and summary["crashed"] == 1
+    assert summary["restarts"] >= 1
+    assert summary["recovered"] is True
+    assert summary["results_match_serial"] is True
+    assert len(summary["pool_status"]) == 2
+    assert all(len(p["workers"]) == 3 for p in summary["pool_status"])
+    killed = [f["pid"] for f in summary["faults"] if f["fault"] == "sigkill"]
+    assert killed and set(killed) <= set(summary["worker_pids"])
+    assert_gone(summary["worker_pids"])
+
+
+def test_demo_without_faults_finishes_every_task():
+    """demo --no-faults on one pool completes every task with no failure and no restart."""
+    proc = procpool("demo", "--tasks", "12", "--pools", "1", "--no-faults", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["done"], summary["failed_on_purpose"], summary["restarts"]) == (12, 0, 0)
+    assert summary["faults"] == []
+    assert [p["tasks_completed"] for p in summary["pool_status"]] == [12]
+    assert_gone(summary["worker_pids"])
+
+
+def test_run_maps_a_user_function_and_prints_json_lines_in_order(user_module):
+    """run MODULE:FUNCTION ARG... prints one JSON line per input, in input order, JSON-decoding inputs."""
+    proc = procpool("run", "usertasks:double", "1", "2", "3", "[4]", "hello", env=user_module)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["result"] for line in lines] == [2, 4, 6, [4, 4], "hellohello"]
+    assert [line["index"] for line in lines] == [0, 1, 2, 3, 4]
+
+
+def test_run_reports_each_failed_item_and_exits_non_zero(user_module):
+    """An item that raises gets an error line with its type and message; the others succeed; exit code 1."""
+    proc = procpool("run", "usertasks:inverse", "4", "0", "2", env=user_module)
+    assert proc.returncode == 1
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[0]["result"] == 0.25 and lines[2]["result"] == 0.5
+    assert lines[1]["error"] == {"type": "ZeroDivisionError", "message": "division by zero"}
+    assert "item 1" in proc.stderr and "1 of 3 items failed" in proc.stderr
+
+
+def test_run_reads_inputs_from_a_file_and_unpacks_with_star(user_module, tmp_path):
+    """--input reads one input per line (blank lines skipped) and --star calls function(*item)."""
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('[1, 2]\n\n["a", "b"]\n')
+    proc = procpool("run", "--star", "--input", str(inputs), "usertasks:add", env=user_module)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["result"] for line in proc.stdout.splitlines()] == [3, "ab"]
+
+
+def test_run_leaves_no_worker_behind(user_module):
+    """The workers that ran the items have exited once run returns."""
+    proc = procpool("run", "usertasks:whoami", *map(str, range(9)), env=user_module)
+    assert proc.returncode == 0, proc.stderr
+    pids = {json.loads(line)["result"] for line in proc.stdout.splitlines()}
+    assert len(pids) >= 1
+    assert_gone(sorted(pids))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("demo", "--tasks", "2"), "--tasks"),
+        (("demo", "--pools", "x"), "--pools"),
+        (("demo", "--bogus"), "--bogus"),
+        (("run", "no_such_module_xyz:f", "1"), "cannot import module 'no_such_module_xyz'"),
+        (("run", "usertasks", "1"), "expected 'module:function'"),
+        (("run", "usertasks:missing", "1"), "has no attribute 'missing'"),
+        (("run", "usertasks:double"), "no inputs"),
+        (("run", "usertasks:double", "--timeout", "0", "1"), "--timeout"),
+        (("nosuchcommand",), "No such command"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, message, user_module):
+    """A bad argument exits with code 2 and a single stderr line naming the problem, and no traceback."""
+    proc = procpool(*args, env=user_module)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("command", [(), ("demo",), ("run",), ("bench",), ("mcp",)])
+def test_every_subcommand_has_help(command):
+    """--help works on the group and on every subcommand, including the MCP server's."""
+    proc = procpool(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: procpool")
+
+
+def test_python_dash_m_runs_the_same_command():
+    """python -m procpool is the same command line as the console script."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "procpool", "--version"], capture_output=True, text=True, timeout=DEADLINE, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("procpool, version ")
+
+
+@pytest.mark.skipif(not (benchmarks_dir() / "compare.py").is_file(), reason="benchmarks/compare.py not in this checkout")
+def test_bench_quick_runs_the_suite_and_writes_json_and_markdown(tmp_path):
+    """bench --quick on a tiny size runs benchmarks/compare.py and writes its JSON and Markdown reports."""
+    json_path, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    proc = procpool("bench", "--quick", "--json", str(json_path), "--markdown", str(md_path), *TINY_BENCH)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(json_path.read_text())
+    assert "procpool" in md_path.read_text()
+
+
+# Size flags that make compare.py's --quick run take a few seconds.
+TINY_BENCH: tuple[str, ...] = ()
