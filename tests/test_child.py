@@ -1,0 +1,88 @@
+"""The worker loop and the wire format, driven in-process with plain queues and a real Pipe."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import queue
+
+import tasks
+
+from procpool import _child
+from procpool import _messages as m
+from procpool._worker import decode_error
+from procpool.errors import SerializationError
+
+
+def call(seq: int, fn, *args) -> bytes:
+    return m.body(seq, m.CALL, pickle.dumps((fn, args, {})))
+
+
+def run(*bodies: bytes, state=None) -> list[tuple[int, int, bytes]]:
+    calls: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+    for b in (*bodies, m.body(0, m.EXIT)):
+        calls.put(b)
+    state = state if state is not None else [0] * _child.STATE_SIZE
+    _child.serve(calls, results, state)
+    out = []
+    while not results.empty():
+        data = results.get()
+        seq, kind = m.HEADER.unpack_from(data)
+        out.append((seq, kind, data[m.HEADER.size :]))
+    return out
+
+
+def test_serve_runs_calls_in_order_and_stops_on_exit():
+    """The loop answers each call in order with its pickled result and returns on EXIT."""
+    replies = run(call(1, tasks.square, 3), call(2, tasks.add, 1, 2))
+    assert [(s, k) for s, k, _ in replies] == [(1, m.OK), (2, m.OK)]
+    assert [pickle.loads(p) for _, _, p in replies] == [9, 3]
+
+
+def test_serve_reports_errors_with_their_traceback_and_keeps_going():
+    """A raising call becomes an ERROR reply that rebuilds the exception with its traceback."""
+    replies = run(call(1, tasks.raise_custom, "x"), call(2, tasks.square, 2))
+    assert replies[0][1] == m.ERROR and replies[1][1] == m.OK
+    err = decode_error(replies[0][2])
+    assert isinstance(err, tasks.CustomError) and "raise_custom" in str(err.__cause__)
+
+
+def test_serve_skips_calls_cancelled_before_they_start():
+    """A seq marked in the cancel ring is answered SKIPPED and not run."""
+    state = [0] * _child.STATE_SIZE
+    state[_child.CANCEL + 1] = 1
+    replies = run(call(1, tasks.square, 3), call(2, tasks.square, 4), state=state)
+    assert [(s, k) for s, k, _ in replies] == [(1, m.SKIPPED), (2, m.OK)]
+
+
+def test_serve_turns_an_unpicklable_result_into_an_error():
+    """A result that cannot pickle is reported as SerializationError instead of killing the loop."""
+    replies = run(call(1, tasks.unpicklable_result), call(2, tasks.square, 5))
+    assert isinstance(decode_error(replies[0][2]), SerializationError)
+    assert pickle.loads(replies[1][2]) == 25
+
+
+def test_frames_match_multiprocessing_connections_wire_format():
+    """Frames the parent writes read back with Connection.recv_bytes, and the reader parses send_bytes."""
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    try:
+        bodies = [b"x" * n for n in (0, 1, 40_000)]  # all fit in the pipe buffer: one thread
+        for body in bodies:
+            writer.send_bytes(body)
+        frames = m.FrameReader()
+        got: list[bytes] = []
+        os.set_blocking(reader.fileno(), False)
+        while len(got) < len(bodies):
+            try:
+                got += frames.feed(os.read(reader.fileno(), 1 << 16))
+            except BlockingIOError:
+                pass
+        assert got == bodies
+        os.set_blocking(reader.fileno(), True)
+        os.write(writer.fileno(), m.frame(b"hello") + m.frame(b""))
+        assert reader.recv_bytes() == b"hello" and reader.recv_bytes() == b""
+    finally:
+        reader.close()
+        writer.close()
