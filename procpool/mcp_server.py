@@ -1,0 +1,910 @@
+"""The MCP server: procpool's pool tools for agents, over stdio or streamable HTTP.
+
+``procpool mcp --handler echo`` serves the tools ``create_pool``, ``execute_on_pool``,
+``execute_batch_on_pool``, ``route_to_pool``, ``list_pools``, ``get_pool_status``,
+``check_pool_health``, ``delete_pool`` and ``get_pool_manager_status``, built with the official
+MCP Python SDK (``pip install 'procpool[mcp]'``). See docs/mcp.md.
+
+Safety model: an agent sends data, never code. Which functions a pool may run is fixed by whoever
+starts the server (``--handler NAME=module:function``, or a built-in by name); ``create_pool``
+picks one of those by NAME. Every request is held to limits (pools, prompt bytes, batch size,
+timeout), and every task runs under a timeout, so no call waits forever. Failures come back as
+one-line tool errors; the server keeps running.
+
+Layers, top to bottom:
+    ServerConfig, parse_handler, parse_http   the flags, checked when the server starts
+    PoolTools                                  what each tool does, on one PoolManager
+    build_server                               MCP glue: schemas, lifespan, errors -> ToolError
+    serve / run / mcp_command                  transports, signals, the click command
+
+``mcp`` itself is imported only when a server is built, so ``procpool --help`` works with just
+the ``cli`` extra installed.
+"""
+
+# No ``from __future__ import annotations`` here: the SDK reads the tools' annotations with
+# ``inspect.signature(eval_str=True)`` against module globals, and the tools are closures whose
+# annotations use names imported lazily inside build_server (pydantic's Field).
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import pkgutil
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+
+import attrs
+import click
+
+from procpool._manager import PoolManager
+from procpool._pool import TaskReport, WorkerPool
+
+try:
+    # pydantic (which the SDK uses to build output schemas) accepts only typing_extensions'
+    # TypedDict on Python < 3.12 when TypedDicts nest. It is always there when mcp is installed.
+    from typing_extensions import TypedDict
+except ImportError:  # pragma: no cover - a cli-only install, which never builds a server
+    from typing import TypedDict
+
+if TYPE_CHECKING:
+    from mcp.server import MCPServer
+
+__all__ = (
+    "BUILTIN_HANDLERS",
+    "PoolTools",
+    "RequestRefused",
+    "ServerConfig",
+    "build_server",
+    "mcp_command",
+    "parse_handler",
+    "parse_http",
+    "run",
+    "serve",
+)
+
+log = logging.getLogger("procpool.mcp")
+
+# Built-in handlers an operator may allow by name alone (``--handler echo``). ``command`` runs a
+# shell command line per prompt: allowing it hands the agent a shell, so it is never implied.
+BUILTIN_HANDLERS: Mapping[str, str] = {
+    "echo": "procpool.handlers:echo",
+    "command": "procpool.handlers:command",
+}
+# Default limits. Pools: each is three processes, so 16 pools is 48 workers, plenty for one
+# machine. Prompt and batch bounds keep one request's memory in the tens of MiB. Timeout: one
+# hour; every task gets one (this is also the default), so no tool call can wait forever.
+DEFAULT_MAX_POOLS = 16
+DEFAULT_MAX_PROMPT_BYTES = 1 << 20
+DEFAULT_MAX_BATCH = 1000
+DEFAULT_MAX_TIMEOUT = 3600.0
+# How long delete_pool and server shutdown let running tasks finish before killing them.
+SHUTDOWN_GRACE = 5.0
+# Longest error text sent back to a client; a remote traceback can be pages long.
+MAX_ERROR_CHARS = 500
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
+_POOL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+SELECTORS = ("least_loaded", "round_robin", "random")
+
+
+class RequestRefused(ValueError):
+    """A tool call broke a limit or the handler allow-list; nothing was run."""
+
+
+# -- configuration: the flags ---------------------------------------------------------------------
+
+
+def parse_handler(spec: str) -> tuple[str, str]:
+    """Read one ``--handler`` value: ``NAME=package.module:function`` or a built-in's name.
+
+    The function is imported now, so a typo stops the server at start rather than on the
+    agent's first ``create_pool``.
+
+    Returns:
+        ``(name, "package.module:function")``.
+
+    Raises:
+        ValueError: malformed, unknown built-in, or the function cannot be imported.
+    """
+    name, sep, path = spec.partition("=")
+    name = name.strip()
+    if not sep:
+        if name not in BUILTIN_HANDLERS:
+            raise ValueError(
+                f"{spec!r} is not a built-in handler (built-ins: {', '.join(sorted(BUILTIN_HANDLERS))}); "
+                "allow your own as NAME=package.module:function"
+            )
+        return name, BUILTIN_HANDLERS[name]
+    path = path.strip()
+    if not _NAME.match(name):
+        raise ValueError(f"handler name {name!r} must be a letter then up to 63 letters, digits, '_', '.' or '-'")
+    if path.count(":") != 1 or not all(path.split(":")):
+        raise ValueError(f"handler {name!r} must point at 'package.module:function', got {path!r}")
+    try:
+        fn = pkgutil.resolve_name(path)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"handler {name}={path} cannot be imported: {exc}") from exc
+    if not callable(fn):
+        raise ValueError(f"handler {name}={path} is not callable")
+    return name, path
+
+
+def parse_http(spec: str) -> tuple[str, int]:
+    """Read ``--http HOST:PORT``; HOST must be a loopback address (the server has no auth).
+
+    Raises:
+        ValueError: malformed, not loopback, or a port outside 1-65535.
+    """
+    host, sep, port_text = spec.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, such as 127.0.0.1:8765, got {spec!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {port}")
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"{host!r} is not a loopback address; the server has no authentication, so it listens "
+                "only on 127.0.0.1, ::1 or localhost"
+            )
+    return host, port
+
+
+def _positive(name: str, value: Any, integer: bool) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (integer and not isinstance(value, int))
+        or not value > 0
+        or math.isinf(value)
+    ):
+        raise ValueError(f"{name} must be a positive, finite {'integer' if integer else 'number'}, got {value!r}")
+
+
+@attrs.frozen
+class ServerConfig:
+    """How the server was started: its handler allow-list, limits and transport.
+
+    Args:
+        handlers: allowed handler names and their ``package.module:function`` paths (at least one).
+        http: ``(host, port)`` to serve streamable HTTP on a loopback address; None for stdio.
+        max_pools: most pools alive at once.
+        max_prompt_bytes: largest prompt, and largest context as JSON, in UTF-8 bytes.
+        max_batch: most prompts in one ``execute_batch_on_pool``.
+        max_timeout: longest task timeout in seconds; also every task's default.
+        log_level: for the ``procpool`` and ``mcp`` loggers (on stderr).
+    """
+
+    handlers: Mapping[str, str] = attrs.field(converter=lambda h: dict(h))
+    http: tuple[str, int] | None = None
+    max_pools: int = DEFAULT_MAX_POOLS
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_timeout: float = DEFAULT_MAX_TIMEOUT
+    log_level: str = "WARNING"
+
+    def __attrs_post_init__(self) -> None:
+        if not self.handlers:
+            raise ValueError("allow at least one handler, e.g. --handler echo or --handler NAME=module:function")
+        for name in self.handlers:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ValueError(f"bad handler name {name!r}")
+        if self.http is not None:
+            parse_http(f"{self.http[0]}:{self.http[1]}")
+        _positive("max_pools", self.max_pools, integer=True)
+        _positive("max_prompt_bytes", self.max_prompt_bytes, integer=True)
+        _positive("max_batch", self.max_batch, integer=True)
+        _positive("max_timeout", self.max_timeout, integer=False)
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"unknown log level {self.log_level!r}")
+
+    def limits(self) -> "Limits":
+        return {
+            "max_pools": self.max_pools,
+            "max_prompt_bytes": self.max_prompt_bytes,
+            "max_batch": self.max_batch,
+            "max_timeout": float(self.max_timeout),
+        }
+
+
+# -- results: the tools' output schemas ------------------------------------------------------------
+
+
+class WorkerRef(TypedDict):
+    """One worker process of a pool."""
+
+    worker_id: str
+    pid: int | None
+
+
+class PoolCreated(TypedDict):
+    """A pool the server created; its three workers are running."""
+
+    pool_id: str
+    handler: str
+    state: str
+    workers: list[WorkerRef]
+
+
+class TaskResult(TypedDict):
+    """A prompt's result, and which pool, task and worker produced it in how many seconds."""
+
+    pool_id: str
+    task_id: int
+    worker_id: str | None
+    worker_pid: int | None
+    duration: float
+    result: Any
+
+
+class RoutedResult(TaskResult):
+    """A routed prompt's result; ``pool_id`` is the pool the selector chose."""
+
+    selector: str
+
+
+class BatchItem(TypedDict):
+    """One prompt of a batch: its result, or the one-line error it failed with."""
+
+    index: int
+    status: Literal["completed", "failed"]
+    task_id: int
+    worker_id: str | None
+    worker_pid: int | None
+    duration: float
+    result: Any
+    error: str | None
+
+
+class BatchResult(TypedDict):
+    """Every prompt of a batch, in input order; one failure does not stop the others."""
+
+    pool_id: str
+    total: int
+    completed: int
+    failed: int
+    results: list[BatchItem]
+
+
+class PoolSummary(TypedDict):
+    """One pool in ``list_pools``; ``load`` is tasks queued plus tasks held by workers."""
+
+    pool_id: str
+    handler: str
+    state: str
+    health: str
+    load: int
+    tasks_completed: int
+    tasks_failed: int
+
+
+class PoolList(TypedDict):
+    """The server's pools."""
+
+    count: int
+    max_pools: int
+    pools: list[PoolSummary]
+
+
+class PoolDeleted(TypedDict):
+    """A pool that was shut down; ``worker_pids`` are the processes that were stopped."""
+
+    pool_id: str
+    deleted: bool
+    worker_pids: list[int]
+
+
+class Limits(TypedDict):
+    """The limits the server enforces on every call."""
+
+    max_pools: int
+    max_prompt_bytes: int
+    max_batch: int
+    max_timeout: float
+
+
+class ManagerStatus(TypedDict):
+    """Health of every pool, the allowed handlers and the limits.
+
+    ``status`` is healthy (every pool healthy), degraded (some pool can take work, not all are
+    healthy) or unhealthy (no pool can take work, or there is none).
+    """
+
+    status: str
+    pools_total: int
+    pools_healthy: int
+    pools_degraded: int
+    pool_details: list[dict[str, Any]]
+    handlers: dict[str, str]
+    limits: Limits
+
+
+# -- routing --------------------------------------------------------------------------------------
+
+
+def _choose_pool(manager: PoolManager, selector: str) -> WorkerPool:
+    """The pool ``selector`` picks for a prompt task, as ``PoolManager.route_task`` would.
+
+    route_task returns only the handler's value, and the tool must report the task's id, worker
+    and duration, so the tool picks the pool here and runs ``execute_detailed`` on it itself.
+    The one place that reaches into the manager's internals; switch to a public method (e.g.
+    ``PoolManager.choose_pool(selector)``) once there is one.
+    """
+    return manager._choose(selector, needs_handler=True)
+
+
+def _json_ready(value: Any) -> Any:
+    """Check that a handler's result can travel as JSON (MCP carries nothing else)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"the handler returned a {type(value).__name__} that is not JSON data ({exc}); "
+            "handlers served over MCP must return JSON-compatible values"
+        ) from None
+    return value
+
+
+def one_line(exc: BaseException) -> str:
+    """A short, single-line description of an error for a client to read."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if not isinstance(exc, RequestRefused):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+# -- the tools' logic ------------------------------------------------------------------------------
+
+
+class PoolTools:
+    """What each MCP tool does, on one PoolManager, with the server's allow-list and limits.
+
+    Plain dicts out; ``RequestRefused``/``ValueError``/``TypeError`` for bad requests and procpool's
+    own errors otherwise. The MCP layer turns every exception into a one-line tool error.
+    """
+
+    def __init__(self, config: ServerConfig, manager: PoolManager) -> None:
+        self.config = config
+        self.manager = manager
+        # Handler name of each pool this server created (the pool itself knows only the path).
+        self._handler_names: dict[str, str] = {}
+        # Makes "count the pools, then create one" atomic, so concurrent calls respect max_pools.
+        self._create_lock = asyncio.Lock()
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _pick_handler(self, handler: str | None) -> str:
+        allowed = self.config.handlers
+        if handler is None:
+            if len(allowed) == 1:
+                return next(iter(allowed))
+            raise RequestRefused(f"name a handler; allowed: {', '.join(sorted(allowed))}")
+        if handler not in allowed:
+            raise RequestRefused(
+                f"handler {handler!r} is not allowed on this server; allowed: {', '.join(sorted(allowed))}"
+            )
+        return handler
+
+    def _check_prompt(self, prompt: str, what: str = "prompt") -> None:
+        size = len(prompt.encode("utf-8", "surrogatepass"))
+        if size > self.config.max_prompt_bytes:
+            raise RequestRefused(
+                f"{what} is {size} bytes; the limit is {self.config.max_prompt_bytes} (--max-prompt-bytes)"
+            )
+
+    def _check_context(self, context: dict[str, Any] | None) -> None:
+        if context is None:
+            return
+        try:
+            text = json.dumps(context, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise RequestRefused(f"context must be a JSON object: {exc}") from None
+        self._check_prompt(text, "context (as JSON)")
+
+    def _check_timeout(self, timeout: float | None) -> float | None:
+        if timeout is None:
+            return None
+        limit = self.config.max_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= limit:
+            raise RequestRefused(
+                f"timeout must be more than 0 and at most {limit:g} seconds (--max-timeout), got {timeout!r}"
+            )
+        return float(timeout)
+
+    def _pool(self, pool_id: str) -> WorkerPool:
+        return self.manager.get_pool(pool_id)
+
+    def _result(self, report: TaskReport) -> TaskResult:
+        if report.error is not None:
+            raise report.error
+        return {
+            "pool_id": report.pool_id,
+            "task_id": report.task_id,
+            "worker_id": report.worker_id,
+            "worker_pid": report.pid,
+            "duration": report.duration,
+            "result": _json_ready(report.result),
+        }
+
+    # -- tools ---------------------------------------------------------------------------------
+
+    async def create_pool(self, pool_id: str | None = None, handler: str | None = None) -> PoolCreated:
+        name = self._pick_handler(handler)
+        if pool_id is not None and not _POOL_ID.match(pool_id):
+            raise RequestRefused(
+                f"pool_id {pool_id!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            )
+        async with self._create_lock:
+            count = len(self._handler_names)
+            if count >= self.config.max_pools:
+                raise RequestRefused(
+                    f"this server already has {count} pools, its limit (--max-pools); delete one first"
+                )
+            pool = await self.manager.create_pool(
+                pool_id, handler=self.config.handlers[name], task_timeout=self.config.max_timeout
+            )
+            self._handler_names[pool.pool_id] = name
+        log.info("created pool %s with handler %s", pool.pool_id, name)
+        return {
+            "pool_id": pool.pool_id,
+            "handler": name,
+            "state": pool.state.value,
+            "workers": [{"worker_id": w.worker_id, "pid": w.pid} for w in pool.workers],
+        }
+
+    async def execute_on_pool(
+        self, pool_id: str, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> TaskResult:
+        self._check_prompt(prompt)
+        self._check_context(context)
+        timeout = self._check_timeout(timeout)
+        pool = self._pool(pool_id)
+        return self._result(await pool.execute_detailed(prompt, context, timeout))
+
+    async def execute_batch_on_pool(
+        self, pool_id: str, prompts: list[str], context: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> BatchResult:
+        if not prompts:
+            raise RequestRefused("prompts must hold at least one prompt")
+        if len(prompts) > self.config.max_batch:
+            raise RequestRefused(
+                f"the batch has {len(prompts)} prompts; the limit is {self.config.max_batch} (--max-batch)"
+            )
+        for i, prompt in enumerate(prompts):
+            self._check_prompt(prompt, f"prompts[{i}]")
+        self._check_context(context)
+        timeout = self._check_timeout(timeout)
+        pool = self._pool(pool_id)
+        reports = await asyncio.gather(*(pool.execute_detailed(p, context, timeout) for p in prompts))
+        items: list[BatchItem] = []
+        for i, report in enumerate(reports):
+            value, error = None, report.error
+            if error is None:
+                try:
+                    value = _json_ready(report.result)
+                except TypeError as exc:
+                    error = exc
+            items.append({
+                "index": i,
+                "status": "failed" if error else "completed",
+                "task_id": report.task_id,
+                "worker_id": report.worker_id,
+                "worker_pid": report.pid,
+                "duration": report.duration,
+                "result": value,
+                "error": None if error is None else one_line(error),
+            })
+        failed = sum(item["error"] is not None for item in items)
+        return {
+            "pool_id": pool.pool_id,
+            "total": len(items),
+            "completed": len(items) - failed,
+            "failed": failed,
+            "results": items,
+        }
+
+    async def route_to_pool(
+        self,
+        prompt: str,
+        context: dict[str, Any] | None = None,
+        selector: str = "least_loaded",
+        timeout: float | None = None,
+    ) -> RoutedResult:
+        self._check_prompt(prompt)
+        self._check_context(context)
+        timeout = self._check_timeout(timeout)
+        pool = _choose_pool(self.manager, selector)
+        result = self._result(await pool.execute_detailed(prompt, context, timeout))
+        return {**result, "selector": selector}
+
+    async def list_pools(self) -> PoolList:
+        pools: list[PoolSummary] = []
+        for status in await self.manager.list_pools():
+            pools.append({
+                "pool_id": status["pool_id"],
+                "handler": self._handler_names.get(status["pool_id"], status.get("handler") or ""),
+                "state": status["state"],
+                "health": status["health"],
+                "load": status["queue_size"] + status["tasks_in_flight"],
+                "tasks_completed": status["tasks_completed"],
+                "tasks_failed": status["tasks_failed"],
+            })
+        return {"count": len(pools), "max_pools": self.config.max_pools, "pools": pools}
+
+    async def get_pool_status(self, pool_id: str) -> dict[str, Any]:
+        pool = self._pool(pool_id)
+        return {**pool.get_status(), "handler_name": self._handler_names.get(pool.pool_id)}
+
+    async def check_pool_health(self, pool_id: str) -> dict[str, Any]:
+        return await self._pool(pool_id).health_check()
+
+    async def delete_pool(self, pool_id: str) -> PoolDeleted:
+        pool = self._pool(pool_id)
+        pids = [w.pid for w in pool.workers if w.pid is not None]
+        await self.manager.delete_pool(pool.pool_id, timeout=SHUTDOWN_GRACE)
+        self._handler_names.pop(pool.pool_id, None)
+        log.info("deleted pool %s", pool.pool_id)
+        return {"pool_id": pool.pool_id, "deleted": True, "worker_pids": pids}
+
+    async def get_pool_manager_status(self) -> ManagerStatus:
+        health = await self.manager.get_health_status()
+        return {
+            "status": health["status"],
+            "pools_total": health["pools_total"],
+            "pools_healthy": health["pools_healthy"],
+            "pools_degraded": health["pools_degraded"],
+            "pool_details": list(health["pool_details"]),
+            "handlers": dict(self.config.handlers),
+            "limits": self.config.limits(),
+        }
+
+
+# -- the MCP server --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _as_tool_errors() -> Iterator[None]:
+    """Turn any failure into a ToolError with a one-line message (the SDK masks other types)."""
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    try:
+        yield
+    except ToolError:
+        raise
+    except Exception as exc:
+        log.debug("tool call failed", exc_info=True)
+        raise ToolError(one_line(exc)) from exc
+
+
+class _Lifespan:
+    """The server's lifespan: one PoolManager, started with the server and stopped with it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.entered = False
+        # Set once every pool is shut down, even when the teardown itself was cancelled.
+        self.stopped = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, _server: Any) -> AsyncIterator[PoolTools]:
+        self.entered = True
+        manager = PoolManager()
+        await manager.start()
+        log.info("pool manager started; allowed handlers: %s", ", ".join(sorted(self.config.handlers)))
+        try:
+            yield PoolTools(self.config, manager)
+        finally:
+            # In a task of its own: a cancelled server (signal, client gone) still stops every worker.
+            stopping = asyncio.ensure_future(manager.stop(SHUTDOWN_GRACE))
+            stopping.add_done_callback(lambda _: self.stopped.set())
+            await asyncio.shield(stopping)
+            log.info("pool manager stopped")
+
+
+def build_server(config: ServerConfig) -> "MCPServer[PoolTools]":
+    """Build the MCP server; it starts one PoolManager when it starts and stops it when it stops.
+
+    On stdio the server starts and stops with its client's connection; on HTTP, with the process.
+
+    Raises:
+        ImportError: the ``mcp`` package is not installed (``pip install 'procpool[mcp]'``).
+    """
+    return _build(config, _Lifespan(config))
+
+
+def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
+    try:
+        from mcp.server import MCPServer
+        from mcp.server.mcpserver import Context
+        from mcp.types import ToolAnnotations
+        from pydantic import Field
+    except ImportError as exc:
+        raise ImportError(f"the MCP server needs the mcp package: pip install 'procpool[mcp]' ({exc})") from exc
+
+    server: MCPServer[PoolTools] = MCPServer(
+        "procpool",
+        instructions=(
+            "Pools of three worker processes that run a prompt handler chosen by the server's operator. "
+            "Create a pool with one of the allowed handlers (see get_pool_manager_status), then execute, "
+            "batch or route prompts; results come back with the task id, worker id, pool id and duration."
+        ),
+        lifespan=lifespan,
+        log_level=config.log_level.upper(),  # type: ignore[arg-type]
+    )
+
+    names = sorted(config.handlers)
+    limits = config.limits()
+    PoolId = Annotated[str, Field(description="The pool's id, as create_pool or list_pools return it.")]
+    Prompt = Annotated[
+        str,
+        Field(
+            description=f"The text given to the pool's handler: data, never code. At most {limits['max_prompt_bytes']} "
+            "UTF-8 bytes.",
+            json_schema_extra={"x-max-bytes": limits["max_prompt_bytes"]},
+        ),
+    ]
+    Ctx = Annotated[
+        dict[str, Any] | None,
+        Field(description="A JSON object passed to the handler with each prompt (default: {})."),
+    ]
+    Timeout = Annotated[
+        float | None,
+        Field(
+            description=f"Seconds a task may run, more than 0 and at most {limits['max_timeout']:g}; past it the "
+            f"worker is killed and replaced and the call fails. Default: {limits['max_timeout']:g}.",
+            # Advertised for clients; enforced by PoolTools, which words the error in one line.
+            json_schema_extra={"exclusiveMinimum": 0, "maximum": limits["max_timeout"]},
+        ),
+    ]
+    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+    runs_work = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
+
+    def tools(ctx: Context) -> PoolTools:
+        return cast(PoolTools, ctx.request_context.lifespan_context)
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False))
+    async def create_pool(
+        ctx: Context,
+        pool_id: Annotated[
+            str | None,
+            Field(description="An id for the new pool (1-64 letters, digits, '_', '.', '-'); generated when omitted."),
+        ] = None,
+        handler: Annotated[
+            str | None,
+            Field(
+                description="Name of the handler the pool runs, one of the server's allowed handlers "
+                f"({', '.join(names)}); may be omitted when only one is allowed.",
+                json_schema_extra={"enum": [*names, None]},
+            ),
+        ] = None,
+    ) -> PoolCreated:
+        """Create and start a pool of three worker processes running an allowed handler."""
+        with _as_tool_errors():
+            return await tools(ctx).create_pool(pool_id, handler)
+
+    @server.tool(annotations=runs_work)
+    async def execute_on_pool(
+        ctx: Context, pool_id: PoolId, prompt: Prompt, context: Ctx = None, timeout: Timeout = None
+    ) -> TaskResult:
+        """Run the pool's handler on one prompt; return its result with task id, worker id, pool id and duration."""
+        with _as_tool_errors():
+            return await tools(ctx).execute_on_pool(pool_id, prompt, context, timeout)
+
+    @server.tool(annotations=runs_work)
+    async def execute_batch_on_pool(
+        ctx: Context,
+        pool_id: PoolId,
+        prompts: Annotated[
+            list[str],
+            Field(
+                description=f"The prompts, 1 to {limits['max_batch']}, each at most "
+                f"{limits['max_prompt_bytes']} UTF-8 bytes; they run concurrently on the pool's three workers.",
+                json_schema_extra={"minItems": 1, "maxItems": limits["max_batch"]},
+            ),
+        ],
+        context: Ctx = None,
+        timeout: Timeout = None,
+    ) -> BatchResult:
+        """Run the pool's handler on every prompt; per-prompt results or errors, in input order."""
+        with _as_tool_errors():
+            return await tools(ctx).execute_batch_on_pool(pool_id, prompts, context, timeout)
+
+    @server.tool(annotations=runs_work)
+    async def route_to_pool(
+        ctx: Context,
+        prompt: Prompt,
+        context: Ctx = None,
+        selector: Annotated[
+            str,
+            Field(
+                description="How to choose the pool: least_loaded (fewest tasks queued and running), "
+                "round_robin or random. Broken and closing pools are skipped, healthy ones preferred.",
+                json_schema_extra={"enum": list(SELECTORS)},
+            ),
+        ] = "least_loaded",
+        timeout: Timeout = None,
+    ) -> RoutedResult:
+        """Run a prompt on the pool a selector picks; return the result and which pool ran it."""
+        with _as_tool_errors():
+            return await tools(ctx).route_to_pool(prompt, context, selector, timeout)
+
+    @server.tool(annotations=read_only)
+    async def list_pools(ctx: Context) -> PoolList:
+        """List the server's pools with their handler, state, health, load and task counts."""
+        with _as_tool_errors():
+            return await tools(ctx).list_pools()
+
+    @server.tool(annotations=read_only)
+    async def get_pool_status(ctx: Context, pool_id: PoolId) -> dict[str, Any]:
+        """A pool's full status: state, health, queue, task counts, latency percentiles and each worker."""
+        with _as_tool_errors():
+            return await tools(ctx).get_pool_status(pool_id)
+
+    @server.tool(annotations=read_only)
+    async def check_pool_health(ctx: Context, pool_id: PoolId) -> dict[str, Any]:
+        """A pool's health: healthy, degraded (with the reason), broken or not_running, and each worker's."""
+        with _as_tool_errors():
+            return await tools(ctx).check_pool_health(pool_id)
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False))
+    async def delete_pool(ctx: Context, pool_id: PoolId) -> PoolDeleted:
+        """Shut a pool down (running tasks get a few seconds, then are killed) and stop its workers."""
+        with _as_tool_errors():
+            return await tools(ctx).delete_pool(pool_id)
+
+    @server.tool(annotations=read_only)
+    async def get_pool_manager_status(ctx: Context) -> ManagerStatus:
+        """Health of every pool, plus the handlers and limits this server allows."""
+        with _as_tool_errors():
+            return await tools(ctx).get_pool_manager_status()
+
+    return server
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+def _setup_logging(level: str) -> None:
+    """Log to stderr: on stdio, stdout carries the protocol and nothing else."""
+    logging.basicConfig(
+        stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until the client disconnects (stdio) or the process is told to stop (HTTP).
+
+    Every pool is shut down before it returns. On stdio, SIGTERM and SIGINT stop the pools and then
+    end the process with that signal, as it would have without the handler.
+    """
+    lifespan = _Lifespan(config)
+    server = _build(config, lifespan)
+    if config.http is not None:
+        host, port = config.http
+        log.info("serving MCP on http://%s:%d/mcp", host, port)
+        # uvicorn handles SIGINT/SIGTERM itself: it stops serving, then the lifespan stops the pools.
+        await server.run_streamable_http_async(host=host, port=port)
+        return
+    loop = asyncio.get_running_loop()
+    stopping: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stopping.done():
+            stopping.set_result(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    serving: asyncio.Future[None] = asyncio.ensure_future(server.run_stdio_async())
+    try:
+        either: list[asyncio.Future[Any]] = [serving, stopping]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            serving.result()
+            return
+        # Cancelling the session runs the lifespan's teardown. The session itself may never end:
+        # its stdin reader is a thread that cancellation cannot interrupt. So wait for the pools
+        # to be shut down, not for the session, then end the process with the signal.
+        serving.cancel()
+        if lifespan.entered:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(lifespan.stopped.wait(), SHUTDOWN_GRACE + 5)
+        received = stopping.result()
+        log.info("stopped by %s", received.name)
+        signal.signal(received, signal.SIG_DFL)
+        os.kill(os.getpid(), received)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run(config: ServerConfig) -> None:
+    """Serve ``config`` in this process until done (blocking); logs go to stderr."""
+    _setup_logging(config.log_level)
+    asyncio.run(serve(config))
+
+
+def _click_value(parse: Any) -> Any:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            if isinstance(value, tuple):
+                return tuple(parse(v) for v in value)
+            return None if value is None else parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+
+    return callback
+
+
+@click.command("mcp")
+@click.option(
+    "--handler",
+    "handlers",
+    multiple=True,
+    metavar="NAME=module:function",
+    callback=_click_value(parse_handler),
+    help="Allow a prompt handler under NAME (repeatable). A built-in by name alone: 'echo', or "
+    "'command' (runs each prompt as a shell command: only for trusted clients).",
+)
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    callback=_click_value(parse_http),
+    help="Serve streamable HTTP at http://HOST:PORT/mcp (loopback only) instead of stdio.",
+)
+@click.option("--max-pools", type=click.IntRange(min=1), default=DEFAULT_MAX_POOLS, show_default=True,
+              help="Most pools alive at once.")
+@click.option("--max-prompt-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_PROMPT_BYTES,
+              show_default=True, help="Largest prompt (and context, as JSON), in UTF-8 bytes.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
+              help="Most prompts in one execute_batch_on_pool call.")
+@click.option("--max-timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), default=DEFAULT_MAX_TIMEOUT,
+              show_default=True, help="Longest task timeout in seconds; also the default for every task.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              default="warning", show_default=True, help="Log level (logs go to stderr).")
+def mcp_command(
+    handlers: tuple[tuple[str, str], ...],
+    http: tuple[str, int] | None,
+    max_pools: int,
+    max_prompt_bytes: int,
+    max_batch: int,
+    max_timeout: float,
+    log_level: str,
+) -> None:
+    """Serve procpool's pool tools over MCP (stdio by default).
+
+    Agents create pools, run prompts and read status; they never send code. Example:
+
+        procpool mcp --handler echo --handler review=mypkg.agents:review
+    """
+    allowed: dict[str, str] = {}
+    for name, path in handlers:
+        if name in allowed and allowed[name] != path:
+            raise click.BadParameter(f"handler name {name!r} is given twice", param_hint="'--handler'")
+        allowed[name] = path
+    if not allowed:
+        raise click.UsageError("allow at least one handler, e.g. --handler echo or --handler NAME=module:function")
+    config = ServerConfig(allowed, http, max_pools, max_prompt_bytes, max_batch, max_timeout, log_level)
+    if http is not None:
+        click.echo(f"procpool MCP server on http://{http[0]}:{http[1]}/mcp", err=True)
+    try:
+        run(config)
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:  # pragma: no cover - only when SIGINT lands before the handler is set
+        pass
+
+
+if __name__ == "__main__":
+    mcp_command()
