@@ -91,6 +91,7 @@ MAX_ERROR_CHARS = 500
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
 _POOL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 SELECTORS = ("least_loaded", "round_robin", "random")
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class RequestRefused(ValueError):
@@ -183,7 +184,8 @@ class ServerConfig:
         max_prompt_bytes: largest prompt, and largest context as JSON, in UTF-8 bytes.
         max_batch: most prompts in one ``execute_batch_on_pool``.
         max_timeout: longest task timeout in seconds; also every task's default.
-        log_level: for the ``procpool`` and ``mcp`` loggers (on stderr).
+        log_level: the root logger's level; None keeps the level already set (``procpool
+            --log-level``), or WARNING when logging is not configured yet. Logs go to stderr.
     """
 
     handlers: Mapping[str, str] = attrs.field(converter=lambda h: dict(h))
@@ -192,7 +194,7 @@ class ServerConfig:
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     max_batch: int = DEFAULT_MAX_BATCH
     max_timeout: float = DEFAULT_MAX_TIMEOUT
-    log_level: str = "WARNING"
+    log_level: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if not self.handlers:
@@ -206,7 +208,7 @@ class ServerConfig:
         _positive("max_prompt_bytes", self.max_prompt_bytes, integer=True)
         _positive("max_batch", self.max_batch, integer=True)
         _positive("max_timeout", self.max_timeout, integer=False)
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        if self.log_level is not None and self.log_level.upper() not in _LEVELS:
             raise ValueError(f"unknown log level {self.log_level!r}")
 
     def limits(self) -> "Limits":
@@ -641,7 +643,7 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
             "batch or route prompts; results come back with the task id, worker id, pool id and duration."
         ),
         lifespan=lifespan,
-        log_level=config.log_level.upper(),  # type: ignore[arg-type]
+        log_level=(config.log_level or "WARNING").upper(),  # type: ignore[arg-type]
     )
 
     names = sorted(config.handlers)
@@ -776,11 +778,18 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
 # -- serving ---------------------------------------------------------------------------------------
 
 
-def _setup_logging(level: str) -> None:
-    """Log to stderr: on stdio, stdout carries the protocol and nothing else."""
-    logging.basicConfig(
-        stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _setup_logging(level: str | None) -> None:
+    """Log to stderr (on stdio, stdout carries the protocol and nothing else), unless the
+    ``procpool`` command already set logging up; then only apply an explicit level."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=(level or "WARNING").upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+    elif level is not None:
+        root.setLevel(level.upper())
 
 
 async def serve(config: ServerConfig) -> None:
@@ -872,7 +881,7 @@ def _click_value(parse: Any) -> Any:
 @click.option("--max-timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), default=DEFAULT_MAX_TIMEOUT,
               show_default=True, help="Longest task timeout in seconds; also the default for every task.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-              default="warning", show_default=True, help="Log level (logs go to stderr).")
+              default=None, help="Log level (logs go to stderr). Default: procpool's --log-level, or warning.")
 def mcp_command(
     handlers: tuple[tuple[str, str], ...],
     http: tuple[str, int] | None,
@@ -880,7 +889,7 @@ def mcp_command(
     max_prompt_bytes: int,
     max_batch: int,
     max_timeout: float,
-    log_level: str,
+    log_level: str | None,
 ) -> None:
     """Serve procpool's pool tools over MCP (stdio by default).
 
