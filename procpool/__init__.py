@@ -8,6 +8,7 @@
 import logging as _logging
 
 from procpool._child import heartbeat
+from procpool._manager import PoolManager, PoolSnapshot, Selector, get_pool_manager, prefer_healthy
 from procpool._pool import POOL_SIZE, PoolState, TaskReport, WorkerPool
 from procpool._worker import Worker
 from procpool.errors import (
@@ -37,10 +38,13 @@ __all__ = (
     "NoPoolAvailable",
     "PoolClosed",
     "PoolFull",
+    "PoolManager",
     "PoolNotFound",
+    "PoolSnapshot",
     "PoolState",
     "ProcPoolError",
     "RemoteTraceback",
+    "Selector",
     "SerializationError",
     "TaskReport",
     "TaskTimeout",
@@ -49,5 +53,7 @@ __all__ = (
     "WorkerPool",
     "WorkerStuck",
     "__version__",
+    "get_pool_manager",
     "heartbeat",
+    "prefer_healthy",
 )
