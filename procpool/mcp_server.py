@@ -43,7 +43,7 @@ import attrs
 import click
 
 from procpool._manager import PoolManager
-from procpool._pool import TaskReport, WorkerPool
+from procpool._pool import PoolState, TaskReport, WorkerPool
 
 try:
     # pydantic (which the SDK uses to build output schemas) accepts only typing_extensions'
@@ -358,7 +358,7 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException) -> str:
     """A short, single-line description of an error for a client to read."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else ""
@@ -395,7 +395,7 @@ class PoolTools:
             raise RequestRefused(f"name a handler; allowed: {', '.join(sorted(allowed))}")
         if handler not in allowed:
             raise RequestRefused(
-                f"handler {handler!r} is not allowed on this server; allowed: {', '.join(sorted(allowed))}"
+                f"handler {handler!r} is not allowed here; allowed: {', '.join(sorted(allowed))}"
             )
         return handler
 
@@ -410,7 +410,7 @@ class PoolTools:
         if context is None:
             return
         try:
-            text = json.dumps(context, allow_nan=False)
+            text = json.dumps(context, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise RequestRefused(f"context must be a JSON object: {exc}") from None
         self._check_prompt(text, "context (as JSON)")
@@ -427,6 +427,10 @@ class PoolTools:
 
     def _pool(self, pool_id: str) -> WorkerPool:
         return self.manager.get_pool(pool_id)
+
+    def pools(self) -> list[WorkerPool]:
+        """The pools this server created and has not deleted."""
+        return [self.manager.get_pool(pool_id) for pool_id in self._handler_names]
 
     def _result(self, report: TaskReport) -> TaskResult:
         if report.error is not None:
@@ -506,7 +510,7 @@ class PoolTools:
                 "worker_pid": report.pid,
                 "duration": report.duration,
                 "result": value,
-                "error": None if error is None else one_line(error),
+                "error": None if error is None else _one_line(error),
             })
         failed = sum(item["error"] is not None for item in items)
         return {
@@ -587,7 +591,7 @@ def _as_tool_errors() -> Iterator[None]:
         raise
     except Exception as exc:
         log.debug("tool call failed", exc_info=True)
-        raise ToolError(one_line(exc)) from exc
+        raise ToolError(_one_line(exc)) from exc
 
 
 class _Lifespan:
@@ -605,14 +609,20 @@ class _Lifespan:
         manager = PoolManager()
         await manager.start()
         log.info("pool manager started; allowed handlers: %s", ", ".join(sorted(self.config.handlers)))
+        tools = PoolTools(self.config, manager)
         try:
-            yield PoolTools(self.config, manager)
+            yield tools
         finally:
+            pools = tools.pools()
             # In a task of its own: a cancelled server (signal, client gone) still stops every worker.
             stopping = asyncio.ensure_future(manager.stop(SHUTDOWN_GRACE))
-            stopping.add_done_callback(lambda _: self.stopped.set())
+            stopping.add_done_callback(lambda _: self._done(pools))
             await asyncio.shield(stopping)
-            log.info("pool manager stopped")
+
+    def _done(self, pools: list[WorkerPool]) -> None:
+        closed = sum(pool.state is PoolState.CLOSED for pool in pools)
+        log.info("pool manager stopped: %d of %d pools shut down", closed, len(pools))
+        self.stopped.set()
 
 
 def build_server(config: ServerConfig) -> "MCPServer[PoolTools]":
@@ -646,15 +656,38 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
         log_level=(config.log_level or "WARNING").upper(),  # type: ignore[arg-type]
     )
 
+    # The tools' parameter types. Limits that PoolTools enforces are also advertised in the schema
+    # (json_schema_extra, not pydantic constraints), so the client sees them and the error for
+    # breaking one is PoolTools' one line, not a multi-line validation report.
     names = sorted(config.handlers)
     limits = config.limits()
     PoolId = Annotated[str, Field(description="The pool's id, as create_pool or list_pools return it.")]
+    NewPoolId = Annotated[
+        str | None,
+        Field(description="An id for the new pool (1-64 letters, digits, '_', '.', '-'); generated when omitted."),
+    ]
+    HandlerName = Annotated[
+        str | None,
+        Field(
+            description="Name of the handler the pool runs, one of the server's allowed handlers "
+            f"({', '.join(names)}); may be omitted when only one is allowed.",
+            json_schema_extra={"enum": [*names, None]},
+        ),
+    ]
     Prompt = Annotated[
         str,
         Field(
             description=f"The text given to the pool's handler: data, never code. At most {limits['max_prompt_bytes']} "
             "UTF-8 bytes.",
             json_schema_extra={"x-max-bytes": limits["max_prompt_bytes"]},
+        ),
+    ]
+    Prompts = Annotated[
+        list[str],
+        Field(
+            description=f"The prompts, 1 to {limits['max_batch']}, each at most {limits['max_prompt_bytes']} UTF-8 "
+            "bytes; they run concurrently on the pool's three workers.",
+            json_schema_extra={"minItems": 1, "maxItems": limits["max_batch"]},
         ),
     ]
     Ctx = Annotated[
@@ -666,8 +699,15 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
         Field(
             description=f"Seconds a task may run, more than 0 and at most {limits['max_timeout']:g}; past it the "
             f"worker is killed and replaced and the call fails. Default: {limits['max_timeout']:g}.",
-            # Advertised for clients; enforced by PoolTools, which words the error in one line.
             json_schema_extra={"exclusiveMinimum": 0, "maximum": limits["max_timeout"]},
+        ),
+    ]
+    SelectorName = Annotated[
+        str,
+        Field(
+            description="How to choose the pool: least_loaded (fewest tasks queued and running), round_robin or "
+            "random. Broken and closing pools are skipped, healthy ones preferred.",
+            json_schema_extra={"enum": list(SELECTORS)},
         ),
     ]
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -677,21 +717,7 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
         return cast(PoolTools, ctx.request_context.lifespan_context)
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False))
-    async def create_pool(
-        ctx: Context,
-        pool_id: Annotated[
-            str | None,
-            Field(description="An id for the new pool (1-64 letters, digits, '_', '.', '-'); generated when omitted."),
-        ] = None,
-        handler: Annotated[
-            str | None,
-            Field(
-                description="Name of the handler the pool runs, one of the server's allowed handlers "
-                f"({', '.join(names)}); may be omitted when only one is allowed.",
-                json_schema_extra={"enum": [*names, None]},
-            ),
-        ] = None,
-    ) -> PoolCreated:
+    async def create_pool(ctx: Context, pool_id: NewPoolId = None, handler: HandlerName = None) -> PoolCreated:
         """Create and start a pool of three worker processes running an allowed handler."""
         with _as_tool_errors():
             return await tools(ctx).create_pool(pool_id, handler)
@@ -706,18 +732,7 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
 
     @server.tool(annotations=runs_work)
     async def execute_batch_on_pool(
-        ctx: Context,
-        pool_id: PoolId,
-        prompts: Annotated[
-            list[str],
-            Field(
-                description=f"The prompts, 1 to {limits['max_batch']}, each at most "
-                f"{limits['max_prompt_bytes']} UTF-8 bytes; they run concurrently on the pool's three workers.",
-                json_schema_extra={"minItems": 1, "maxItems": limits["max_batch"]},
-            ),
-        ],
-        context: Ctx = None,
-        timeout: Timeout = None,
+        ctx: Context, pool_id: PoolId, prompts: Prompts, context: Ctx = None, timeout: Timeout = None
     ) -> BatchResult:
         """Run the pool's handler on every prompt; per-prompt results or errors, in input order."""
         with _as_tool_errors():
@@ -728,14 +743,7 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
         ctx: Context,
         prompt: Prompt,
         context: Ctx = None,
-        selector: Annotated[
-            str,
-            Field(
-                description="How to choose the pool: least_loaded (fewest tasks queued and running), "
-                "round_robin or random. Broken and closing pools are skipped, healthy ones preferred.",
-                json_schema_extra={"enum": list(SELECTORS)},
-            ),
-        ] = "least_loaded",
+        selector: SelectorName = "least_loaded",
         timeout: Timeout = None,
     ) -> RoutedResult:
         """Run a prompt on the pool a selector picks; return the result and which pool ran it."""

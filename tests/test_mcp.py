@@ -9,7 +9,6 @@ worker, to show that nothing but protocol reaches the real stdout).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from procpool.mcp_server import (
@@ -96,6 +96,14 @@ def wait_exited(pids: list[int], timeout: float = 20.0) -> None:
             return
         assert time.monotonic() < deadline, f"processes left behind: {alive}"
         time.sleep(0.02)
+
+
+
+
+def stopped_in_order(log: str, pools: int) -> bool:
+    """The server logged (at info) that its lifespan shut all its pools down: the evidence that
+    they were stopped in order, not just killed by their lifeline when the server died."""
+    return f"pool manager stopped: {pools} of {pools} pools shut down" in log
 
 
 def server_process(before: set[int]) -> psutil.Process:
@@ -215,14 +223,14 @@ async def test_status_health_and_list_reflect_the_work_done(client):
         ("execute_on_pool", {"pool_id": "nope", "prompt": "x"}, "PoolNotFound: no pool 'nope'"),
         ("get_pool_status", {"pool_id": "nope"}, "PoolNotFound"),
         ("delete_pool", {"pool_id": "nope"}, "PoolNotFound"),
-        ("create_pool", {"handler": "os.system"}, "'os.system' is not allowed on this server; allowed: command, echo, fmt"),
+        ("create_pool", {"handler": "os.system"}, "'os.system' is not allowed here; allowed: command, echo, fmt"),
         ("create_pool", {}, "name a handler; allowed: command, echo, fmt"),
         ("create_pool", {"pool_id": "a", "handler": "echo"}, "already exists"),
         ("create_pool", {"pool_id": "../x", "handler": "echo"}, "pool_id '../x' must be"),
         ("execute_on_pool", {"pool_id": "a", "prompt": "x" * 4097}, "prompt is 4097 bytes; the limit is 4096"),
         ("execute_on_pool", {"pool_id": "a", "prompt": "é" * 2049}, "prompt is 4098 bytes"),
         ("execute_on_pool", {"pool_id": "a", "prompt": "x", "context": {"k": "v" * 5000}}, "context (as JSON) is"),
-        ("execute_on_pool", {"pool_id": "a", "prompt": "x", "timeout": 0}, "timeout must be more than 0 and at most 30"),
+        ("execute_on_pool", {"pool_id": "a", "prompt": "x", "timeout": 0}, "must be more than 0 and at most 30"),
         ("execute_on_pool", {"pool_id": "a", "prompt": "x", "timeout": -1}, "timeout must be more than 0"),
         ("execute_on_pool", {"pool_id": "a", "prompt": "x", "timeout": 31}, "at most 30 seconds"),
         ("execute_batch_on_pool", {"pool_id": "a", "prompts": ["x"] * 9}, "the batch has 9 prompts; the limit is 8"),
@@ -274,19 +282,23 @@ async def test_delete_pool_stops_its_worker_processes(client):
 # -- server lifetime -------------------------------------------------------------------------------
 
 
-async def test_closing_the_client_stops_the_server_and_every_worker():
+async def test_closing_the_client_stops_the_server_and_every_worker(tmp_path):
     """When the client disconnects, the server shuts every pool down and exits; no process is left."""
     before = {p.pid for p in psutil.Process().children()}
-    async with Client(stdio("--handler", "echo", "--max-pools", "2")) as c:
-        server = server_process(before)
-        first = await call(c, "create_pool")  # the only handler is the default
-        assert first["handler"] == "echo" and first["state"] == "running"
-        await call(c, "create_pool", pool_id="second")
-        assert "already has 2 pools, its limit (--max-pools)" in await refused(c, "create_pool", pool_id="third")
-        await call(c, "execute_on_pool", pool_id="second", prompt="x")
-        family = [server.pid, *(p.pid for p in server.children(recursive=True))]
-        assert len(family) >= 6  # the server, its forkserver, and two pools of three workers
+    log = tmp_path / "server.log"
+    with log.open("w") as errlog:
+        params = stdio("--handler", "echo", "--max-pools", "2", "--log-level", "info")
+        async with Client(stdio_client(params, errlog=errlog)) as c:
+            server = server_process(before)
+            first = await call(c, "create_pool")  # the only handler is the default
+            assert first["handler"] == "echo" and first["state"] == "running"
+            await call(c, "create_pool", pool_id="second")
+            assert "already has 2 pools, its limit (--max-pools)" in await refused(c, "create_pool", pool_id="third")
+            await call(c, "execute_on_pool", pool_id="second", prompt="x")
+            family = [server.pid, *(p.pid for p in server.children(recursive=True))]
+            assert len(family) >= 6  # the server, its forkserver, and two pools of three workers
     wait_exited(family)
+    assert stopped_in_order(log.read_text(), 2)
 
 
 def _send(proc: subprocess.Popen[str], message: dict[str, Any]) -> None:
@@ -304,7 +316,7 @@ def test_stdout_carries_only_protocol_and_sigterm_stops_every_worker(tmp_path):
     """A handler printing to stdout cannot corrupt the stdio stream; SIGTERM shuts the pools down and exits."""
     stderr = (tmp_path / "stderr").open("w+")
     proc = subprocess.Popen(
-        [*SERVER, "--handler", "say=builtins:print"],
+        [*SERVER, "--handler", "say=builtins:print", "--log-level", "info"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
     )
     try:
@@ -328,7 +340,9 @@ def test_stdout_carries_only_protocol_and_sigterm_stops_every_worker(tmp_path):
         assert proc.stdout.read() == ""  # no stray bytes after the last reply
         wait_exited(family)
         stderr.seek(0)
-        assert "NOISE {}" in stderr.read()  # the handler's print went to stderr
+        logged = stderr.read()
+        assert "NOISE {}" in logged  # the handler's print went to stderr
+        assert stopped_in_order(logged, 1)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -346,7 +360,9 @@ async def test_http_transport_serves_the_tools_on_loopback(tmp_path):
     """With --http 127.0.0.1:PORT the tools work over streamable HTTP; SIGTERM stops the pools and the server."""
     port = _free_port()
     log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([*SERVER, "--handler", "echo", "--http", f"127.0.0.1:{port}"], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [*SERVER, "--handler", "echo", "--http", f"127.0.0.1:{port}", "--log-level", "info"], stdout=log, stderr=log
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -367,6 +383,7 @@ async def test_http_transport_serves_the_tools_on_loopback(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
         wait_exited(family)
+        assert stopped_in_order((tmp_path / "server.log").read_text(), 1)
     finally:
         if proc.poll() is None:
             proc.kill()
