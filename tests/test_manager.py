@@ -1,0 +1,320 @@
+"""PoolManager: routing across real pools, selectors, deletion, shutdown and the process-wide manager."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+
+import anyio
+import attrs
+import pytest
+import tasks
+from conftest import assert_gone, pids_of
+
+import procpool
+from procpool import (
+    BrokenPool,
+    NoPoolAvailable,
+    PoolClosed,
+    PoolManager,
+    PoolNotFound,
+    PoolSnapshot,
+    PoolState,
+    ProcPoolError,
+    get_pool_manager,
+)
+
+pytestmark = pytest.mark.anyio
+
+ECHO = "procpool.handlers:echo"
+
+
+async def wait_for(predicate, timeout: float = 20.0) -> None:
+    """Wait for a state the pools reach through their own events; the deadline only guards a hang."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+@pytest.fixture
+async def manager():
+    """A started manager; stopped after the test, and no worker of its pools may survive."""
+    m = PoolManager()
+    await m.start()
+    try:
+        yield m
+    finally:
+        pids = [w["pid"] for status in await m.list_pools() for w in status["workers"] if w["pid"]]
+        await m.stop(timeout=5)
+        assert_gone(pids)
+
+
+def chosen(results) -> list[str]:
+    return [pool_id for pool_id, _ in results]
+
+
+# -- selectors ------------------------------------------------------------------------------------
+
+
+async def test_round_robin_is_an_exact_rotation(manager):
+    """round_robin sends 30 tasks over 3 pools 10 each, in turn, and routed submit continues the turn."""
+    for name in ("p0", "p1", "p2"):
+        await manager.create_pool(name)
+    results = await asyncio.gather(
+        *(manager.route_apply(tasks.square, (i,), selector="round_robin") for i in range(30))
+    )
+    assert chosen(results) == ["p0", "p1", "p2"] * 10
+    assert [value for _, value in results] == [i * i for i in range(30)]
+    assert collections.Counter(chosen(results)) == {"p0": 10, "p1": 10, "p2": 10}
+    submitted = [manager.submit(tasks.add, i, selector="round_robin", b=1) for i in range(3)]
+    assert [pool_id for pool_id, _ in submitted] == ["p0", "p1", "p2"]
+    assert await asyncio.gather(*(future for _, future in submitted)) == [1, 2, 3]
+
+
+async def test_least_loaded_sends_work_to_the_idle_pool_while_another_is_busy(manager, tmp_path):
+    """With one pool's workers all busy, least_loaded routes new work to the idle pool."""
+    busy = await manager.create_pool("busy", handler=ECHO)  # registered first: a naive router picks it
+    idle = await manager.create_pool("idle", handler=ECHO)
+    barrier = str(tmp_path / "open")
+    blocked = [busy.submit(tasks.wait_for_file, barrier) for _ in range(3)]
+    try:
+        for _ in range(3):
+            pool_id, pid = await manager.route_apply(tasks.pid)
+            assert pool_id == "idle" and pid in pids_of(idle)
+        pool_id, echoed = await manager.route_task("hello", {"k": 1})
+        assert pool_id == "idle" and echoed["prompt"] == "hello"
+    finally:
+        open(barrier, "w").close()
+        assert set(await asyncio.gather(*blocked)) <= set(pids_of(busy))
+    # Equal loads: one-at-a-time work still alternates instead of piling onto the first pool.
+    results = [await manager.route_apply(tasks.square, (3,)) for _ in range(4)]
+    assert collections.Counter(chosen(results)) == {"busy": 2, "idle": 2}
+
+
+async def test_degraded_pool_is_routed_around_until_it_recovers(manager, tmp_path):
+    """While a pool replaces a worker it is degraded, and every built-in selector prefers the healthy pool."""
+    marker = tmp_path / "may-start"
+    marker.touch()
+    # Its replacement workers wait in the initializer until the marker exists again.
+    sick = await manager.create_pool("sick", initializer=tasks.wait_for_file, initargs=(str(marker), 30.0))
+    await manager.create_pool("well")
+    marker.unlink()
+    os.kill(sick.workers[0].pid, signal.SIGKILL)
+    await wait_for(lambda: sick.health == "degraded" and sick.workers[0].state == "starting")
+    for selector in ("least_loaded", "round_robin", "random"):
+        results = [await manager.route_apply(tasks.square, (2,), selector=selector) for _ in range(4)]
+        assert set(chosen(results)) == {"well"}, selector
+    health = await manager.get_health_status()
+    assert (health["status"], health["pools_total"], health["pools_healthy"], health["pools_degraded"]) == (
+        "degraded",
+        2,
+        1,
+        1,
+    )
+    marker.touch()
+    await wait_for(lambda: sick.health == "healthy")
+    results = [await manager.route_apply(tasks.square, (2,), selector="round_robin") for _ in range(4)]
+    assert collections.Counter(chosen(results)) == {"sick": 2, "well": 2}
+
+
+async def test_broken_pool_is_routed_around_and_never_offered(manager, tmp_path):
+    """A pool that broke after registration gets no work; with only broken pools left, NoPoolAvailable."""
+    marker = tmp_path / "may-start"
+    marker.touch()
+    # Its replacement workers fail to start once the marker is gone, so the pool breaks.
+    fragile = await manager.create_pool("fragile", initializer=tasks.wait_for_file, initargs=(str(marker), 0.05))
+    await manager.create_pool("sound")
+    marker.unlink()
+    os.kill(fragile.workers[1].pid, signal.SIGKILL)
+    await wait_for(lambda: fragile.state is PoolState.BROKEN)
+    for selector in ("least_loaded", "round_robin", "random"):
+        results = [await manager.route_apply(tasks.square, (2,), selector=selector) for _ in range(3)]
+        assert set(chosen(results)) == {"sound"}, selector
+    health = await manager.get_health_status()
+    assert (health["pools_total"], health["pools_healthy"]) == (2, 1)
+    await manager.delete_pool("sound")
+    with pytest.raises(NoPoolAvailable, match="fragile is broken"):
+        await manager.route_apply(tasks.square, (2,))
+    assert (await manager.get_health_status())["status"] == "unhealthy"
+
+
+async def test_custom_selectors_get_frozen_snapshots_and_are_checked(manager, tmp_path):
+    """A registered or passed-in selector sees frozen snapshots with real loads, and its choice is honoured."""
+    a = await manager.create_pool("a")
+    await manager.create_pool("b")
+    seen: list[tuple[PoolSnapshot, ...]] = []
+
+    def affinity(candidates):
+        seen.append(tuple(candidates))
+        return "b"
+
+    manager.register_selector("affinity", affinity)
+    assert manager.selectors == ("least_loaded", "round_robin", "random", "affinity")
+    barrier = str(tmp_path / "open")
+    blocked = a.submit(tasks.wait_for_file, barrier)
+    try:
+        assert (await manager.route_apply(tasks.square, (5,), selector="affinity")) == ("b", 25)
+    finally:
+        open(barrier, "w").close()
+        await blocked
+    snapshots = seen[0]
+    assert [(s.pool_id, s.load, s.health, s.workers_healthy) for s in snapshots] == [
+        ("a", 1, "healthy", 3),
+        ("b", 0, "healthy", 3),
+    ]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        snapshots[0].load = 0  # type: ignore[misc]
+    pool_id, future = manager.submit(tasks.square, 4, selector=lambda candidates: candidates[0].pool_id)
+    assert (pool_id, await future) == ("a", 16)
+    with pytest.raises(NoPoolAvailable, match="declined"):
+        await manager.route_apply(tasks.square, (1,), selector=lambda candidates: None)
+    with pytest.raises(ValueError, match=r"'nope', which is not one of the candidate pools"):
+        await manager.route_apply(tasks.square, (1,), selector=lambda candidates: "nope")
+    with pytest.raises(ValueError, match="already registered"):
+        manager.register_selector("round_robin", affinity)
+
+
+# -- pools: create, delete, errors ------------------------------------------------------------------
+
+
+async def test_delete_pool_stops_routing_at_once_and_leaves_no_process(manager, tmp_path):
+    """delete_pool removes the id at once, other pools keep serving during its shutdown, and no worker survives."""
+    a = await manager.create_pool("a")
+    await manager.create_pool("b")
+    a_pids = pids_of(a)
+    barrier = str(tmp_path / "open")
+    running = a.submit(tasks.wait_for_file, barrier)
+    deleting = asyncio.ensure_future(manager.delete_pool("a", timeout=30))
+    try:
+        await wait_for(lambda: a.state is PoolState.CLOSING)
+        with pytest.raises(PoolNotFound):
+            manager.get_pool("a")
+        results = [await manager.route_apply(tasks.square, (3,), selector=s) for s in ("round_robin", "least_loaded")]
+        assert chosen(results) == ["b", "b"]
+        assert not deleting.done()  # still letting a's running task finish
+    finally:
+        open(barrier, "w").close()
+    assert await running in a_pids
+    await deleting
+    assert a.state is PoolState.CLOSED
+    assert_gone(a_pids)
+    assert [s["pool_id"] for s in await manager.list_pools()] == ["b"]
+
+
+async def test_unknown_pools_selectors_and_bad_options_raise_typed_errors(manager):
+    """Unknown pool: PoolNotFound (a KeyError); unknown selector: ValueError naming the known ones; no duplicates."""
+    with pytest.raises(NoPoolAvailable, match="no pools"):
+        await manager.route_task("hi")
+    plain = await manager.create_pool("x")  # no handler: can run callables, not prompts
+    with pytest.raises(ValueError, match="already exists"):
+        await manager.create_pool("x")
+    with pytest.raises(TypeError):
+        await manager.create_pool("y", no_such_option=1)
+    assert [s["pool_id"] for s in await manager.list_pools()] == ["x"]
+    with pytest.raises(NoPoolAvailable, match="x has no prompt handler"):
+        await manager.route_task("hi")
+    with pytest.raises(PoolNotFound, match="no pool 'nope' in this manager") as info:
+        manager.get_pool("nope")
+    assert isinstance(info.value, KeyError) and isinstance(info.value, ProcPoolError)
+    with pytest.raises(PoolNotFound, match="nope"):
+        await manager.execute_on_pool("nope", "hi")
+    with pytest.raises(PoolNotFound, match="nope"):
+        await manager.delete_pool("nope")
+    with pytest.raises(ValueError, match="'least_loaded', 'round_robin', 'random'"):
+        await manager.route_apply(tasks.square, (1,), selector="fastest")
+    with pytest.raises(TypeError, match="selector"):
+        manager.submit(tasks.square, 1, selector=42)
+    assert (await manager.route_apply(tasks.square, (6,))) == ("x", 36)
+    assert manager.get_pool("x") is plain
+
+
+async def test_create_pool_that_cannot_start_is_not_registered(manager):
+    """A pool whose workers cannot start raises BrokenPool from create_pool, is not registered and leaves no process."""
+    with pytest.raises(BrokenPool, match="initializer refuses"):
+        await manager.create_pool("doomed", initializer=tasks.failing_initializer)
+    assert await manager.list_pools() == []
+    pool = await manager.create_pool("doomed")  # the id is free again
+    assert await manager.route_apply(tasks.square, (2,)) == ("doomed", 4)
+    assert pool.running
+
+
+async def test_health_does_not_wait_on_busy_workers_and_stop_leaves_no_process(tmp_path):
+    """Health answers while every worker is busy; stop() ends all pools, even hung tasks, and then refuses work."""
+    barrier = str(tmp_path / "never")
+    async with PoolManager() as manager:
+        pools = [await manager.create_pool(name) for name in ("a", "b")]
+        hung = [pool.submit(tasks.wait_for_file, barrier) for pool in pools for _ in range(3)]
+        with anyio.fail_after(2):
+            health = await manager.get_health_status()
+        assert (health["status"], health["pools_total"], health["pools_healthy"]) == ("healthy", 2, 2)
+        assert [d["pool_id"] for d in health["pool_details"]] == ["a", "b"]
+        pids = [pid for pool in pools for pid in pids_of(pool)]
+        with anyio.fail_after(15):
+            await manager.stop(timeout=0.2)
+    assert_gone(pids)
+    assert not manager.running and all(pool.state is PoolState.CLOSED for pool in pools)
+    for future in hung:
+        with pytest.raises(PoolClosed):
+            await future
+    with pytest.raises(PoolClosed):
+        await manager.create_pool("late")
+    with pytest.raises(PoolClosed):
+        await manager.route_apply(tasks.square, (1,))
+
+
+# -- the process-wide manager -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_start(monkeypatch):
+    """Make PoolManager.start yield to the loop a few times, so concurrent first calls really contend."""
+    real_start = PoolManager.start
+    calls = []
+
+    async def start(self):
+        calls.append(self)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await real_start(self)
+
+    monkeypatch.setattr(PoolManager, "start", start)
+    return calls
+
+
+async def test_get_pool_manager_is_shared_under_concurrent_first_calls_and_restarts_after_stop(slow_start):
+    """Concurrent first calls get one started manager; after stop() the next call gets a fresh running one."""
+    first = await asyncio.gather(*(get_pool_manager() for _ in range(10)))
+    manager = first[0]
+    try:
+        assert all(m is manager for m in first) and manager.running
+        assert slow_start.count(manager) == 1
+        assert await procpool.get_pool_manager() is manager
+    finally:
+        await manager.stop()
+    fresh = await get_pool_manager()
+    try:
+        assert fresh is not manager and fresh.running
+    finally:
+        await fresh.stop()
+
+
+def test_get_pool_manager_survives_a_new_event_loop(slow_start):
+    """The singleton's lock and manager work on a later event loop, even one whose predecessor never stopped it."""
+
+    async def contend() -> PoolManager:
+        managers = await asyncio.gather(*(get_pool_manager() for _ in range(5)))
+        assert all(m is managers[0] for m in managers)
+        return managers[0]
+
+    abandoned = asyncio.run(contend())  # left running when its loop closes
+
+    async def second_loop() -> PoolManager:
+        manager = await contend()
+        await manager.stop()
+        return manager
+
+    replacement = asyncio.run(second_loop())
+    assert replacement is not abandoned and not replacement.running
+    assert asyncio.run(second_loop()) is not replacement
