@@ -287,8 +287,8 @@ class PoolManager:
             The running pool.
 
         Raises:
-            ValueError: a pool with this id exists (or is being created).
-            TypeError / ValueError: bad pool options, from :class:`WorkerPool`.
+            ValueError: a pool with this id exists (or is being created), or a bad pool option.
+            TypeError: a bad pool option (from :class:`WorkerPool`).
             BrokenPool: the workers could not start; nothing is registered or left running.
             PoolClosed: the manager is stopped (or stopped while the pool was starting).
         """
@@ -382,7 +382,8 @@ class PoolManager:
         """Make ``selector`` usable by name, as in ``route_task(..., selector=name)``.
 
         Raises:
-            ValueError: the name is taken or empty. TypeError: ``selector`` is not callable.
+            ValueError: the name is taken or empty.
+            TypeError: ``selector`` is not callable.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"a selector name must be a non-empty string, got {name!r}")
@@ -461,7 +462,8 @@ class PoolManager:
         """Run ``prompt`` on the named pool's handler; return what the handler returns.
 
         Raises:
-            PoolNotFound: no such pool. Otherwise whatever :meth:`WorkerPool.execute` raises.
+            PoolNotFound: no such pool.
+            Exception: otherwise whatever :meth:`WorkerPool.execute` raises.
         """
         return await self.get_pool(pool_id).execute(prompt, context, timeout)
 
@@ -480,7 +482,7 @@ class PoolManager:
         Raises:
             NoPoolAvailable: no running pool with a handler (or the selector declined them all).
             ValueError: unknown selector (the message lists the known ones).
-            Otherwise whatever :meth:`WorkerPool.execute` raises.
+            Exception: otherwise whatever :meth:`WorkerPool.execute` raises.
         """
         pool = self._choose(selector, needs_handler=True)
         return pool.pool_id, await pool.execute(prompt, context, timeout)
@@ -499,8 +501,9 @@ class PoolManager:
             ``(pool_id, result)``.
 
         Raises:
-            NoPoolAvailable, ValueError (unknown selector), or whatever :meth:`WorkerPool.apply`
-            raises.
+            NoPoolAvailable: no running pool (or the selector declined them all).
+            ValueError: unknown selector (the message lists the known ones).
+            Exception: otherwise whatever :meth:`WorkerPool.apply` raises.
         """
         pool = self._choose(selector, needs_handler=False)
         return pool.pool_id, await pool.apply(fn, args, kwds, timeout)
@@ -518,8 +521,9 @@ class PoolManager:
             :meth:`WorkerPool.submit`.
 
         Raises:
-            NoPoolAvailable, ValueError (unknown selector), or whatever :meth:`WorkerPool.submit`
-            raises.
+            NoPoolAvailable: no running pool (or the selector declined them all).
+            ValueError: unknown selector (the message lists the known ones).
+            Exception: otherwise whatever :meth:`WorkerPool.submit` raises.
         """
         pool = self._choose(selector, needs_handler=False)
         return pool.pool_id, pool.submit(fn, *args, **kwargs)

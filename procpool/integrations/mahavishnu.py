@@ -211,7 +211,8 @@ class ProcPoolAdapter:
         **pool_options: :class:`WorkerPool` options; they override ``extra_config``.
 
     Raises:
-        ValueError: no handler, or a worker range that excludes 3. TypeError: bad config.
+        ValueError: no handler, or a worker range that excludes 3.
+        TypeError: ``config`` lacks the contract's fields.
     """
 
     def __init__(
@@ -285,6 +286,7 @@ class ProcPoolAdapter:
 
         Raises:
             ValueError: any target but 3; for more capacity, start another pool.
+            TypeError: the target is not an int.
         """
         if isinstance(target_worker_count, bool) or not isinstance(target_worker_count, int):
             raise TypeError(f"target_worker_count must be an int, not {type(target_worker_count).__name__}")
@@ -369,8 +371,11 @@ class ProcPoolAdapter:
             ``"completed"``, ``"failed"`` or ``"timeout"``, ``duration`` the seconds it ran.
 
         Raises:
-            TypeError/ValueError: a bad task dict. RuntimeError: not started.
-            PoolClosed/BrokenPool: the pool is stopped or failed.
+            TypeError: the task is not a dict, or its context is not a dict.
+            ValueError: no ``prompt`` string, or a bad ``timeout``.
+            RuntimeError: the adapter is not started.
+            PoolClosed: the pool is stopped.
+            BrokenPool: the pool failed to start.
         """
         prompt, context, timeout = _parse_task(task)
         self._check_can_run()
@@ -386,7 +391,8 @@ class ProcPoolAdapter:
             ``{task_id: result}``, results as from :meth:`execute_task`, in input order.
 
         Raises:
-            TypeError/ValueError: a bad task or a repeated task id; nothing is run.
+            TypeError: ``tasks`` is not a list, or a task is malformed; nothing is run.
+            ValueError: a task is malformed or a task id repeats; nothing is run.
         """
         if isinstance(tasks, (str, bytes, Mapping)) or not isinstance(tasks, Sequence):
             raise TypeError(f"tasks must be a list of task dicts, not {type(tasks).__name__}")
