@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -162,15 +163,29 @@ def test_python_dash_m_runs_the_same_command():
     assert proc.stdout.startswith("procpool, version ")
 
 
-@pytest.mark.skipif(not (benchmarks_dir() / "compare.py").is_file(), reason="benchmarks/compare.py not in this checkout")
+# Size flags that make compare.py's --quick run take a few seconds: 1 % of the task counts, one peer.
+TINY_BENCH = ("--scale", "0.01", "--peers", "multiprocessing")
+
+
 def test_bench_quick_runs_the_suite_and_writes_json_and_markdown(tmp_path):
     """bench --quick on a tiny size runs benchmarks/compare.py and writes its JSON and Markdown reports."""
     json_path, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
     proc = procpool("bench", "--quick", "--json", str(json_path), "--markdown", str(md_path), *TINY_BENCH)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(json_path.read_text())
-    assert "procpool" in md_path.read_text()
+    report = json.loads(json_path.read_text())
+    assert report["config"]["quick"] is True
+    assert "procpool" in report["contenders"] and "multiprocessing" in report["contenders"]
+    assert "multiprocessing.Pool" in md_path.read_text()
+    assert "multiprocessing.Pool" in proc.stdout  # the ratio table is printed too
 
 
-# Size flags that make compare.py's --quick run take a few seconds.
-TINY_BENCH: tuple[str, ...] = ()
+def test_bench_without_a_source_checkout_says_so(tmp_path):
+    """bench in an installed copy of procpool (no benchmarks/ beside it) exits 1 with a clear message."""
+    shutil.copytree(benchmarks_dir().parent / "procpool", tmp_path / "procpool", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "procpool", "bench", "--quick"],
+        capture_output=True, text=True, timeout=DEADLINE, env=env, cwd=tmp_path, check=False,
+    )
+    assert proc.returncode == 1
+    assert "source checkout" in proc.stderr and str(tmp_path / "benchmarks") in proc.stderr
