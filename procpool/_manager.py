@@ -195,7 +195,8 @@ class PoolManager:
             "round_robin": RoundRobin(),
             "random": pick_random,
         }
-        self._stopped: asyncio.Event | None = None
+        # The task that finishes stop(): every stop() call waits for this one.
+        self._stopping: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -216,7 +217,6 @@ class PoolManager:
         if self._state is not _State.INITIAL:
             raise PoolClosed("this PoolManager is stopped and cannot restart; create a new one")
         self._loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
         self._state = _State.RUNNING
         log.debug("pool manager started")
 
@@ -231,22 +231,23 @@ class PoolManager:
         if self._state in (_State.INITIAL, _State.STOPPED):
             self._state = _State.STOPPED
             return
-        if self._state is _State.STOPPING:
-            assert self._stopped is not None
-            await self._stopped.wait()
-            return
-        self._state = _State.STOPPING
-        pools = [entry.pool for entry in self._pools.values()] + list(self._starting.values())
-        self._pools.clear()
-        for pool in pools:
-            self._begin_shutdown(pool, timeout)
-        if self._shutdowns:
-            # asyncio.wait, not gather: if this caller is cancelled the shutdowns carry on.
-            await asyncio.wait(list(self._shutdowns))
+        if self._stopping is None:
+            self._state = _State.STOPPING
+            pools = [entry.pool for entry in self._pools.values()] + list(self._starting.values())
+            self._pools.clear()
+            for pool in pools:
+                self._begin_shutdown(pool, timeout)
+            # A task of its own, so that a cancelled caller neither aborts the shutdowns nor
+            # leaves a later stop() waiting for a finish nobody would announce.
+            self._stopping = asyncio.get_running_loop().create_task(self._finish_stop(len(pools)))
+        await asyncio.shield(self._stopping)
+
+    async def _finish_stop(self, count: int) -> None:
+        """Wait for every shutdown under way, including those that start meanwhile."""
+        while pending := [task for task in self._shutdowns if not task.done()]:
+            await asyncio.wait(pending)
         self._state = _State.STOPPED
-        assert self._stopped is not None
-        self._stopped.set()
-        log.info("pool manager stopped (%d pools shut down)", len(pools))
+        log.info("pool manager stopped (%d pools shut down)", count)
 
     async def __aenter__(self) -> PoolManager:
         await self.start()
@@ -404,12 +405,12 @@ class PoolManager:
             return getattr(selector, "__name__", repr(selector)), selector
         raise TypeError(f"selector must be a selector name or a callable, not {type(selector).__name__}")
 
-    def _snapshot(self, entry: _Entry) -> PoolSnapshot:
+    def _snapshot(self, entry: _Entry, health: str) -> PoolSnapshot:
         pool = entry.pool
         return PoolSnapshot(
             pool_id=pool.pool_id,
             order=entry.order,
-            health=pool.health,
+            health=health,
             load=pool.load,
             recent_failures=sum(w.consecutive_failures for w in pool.workers),
             workers_healthy=sum(w.is_healthy() for w in pool.workers),
@@ -442,7 +443,7 @@ class PoolManager:
             elif needs_handler and not _has_handler(pool):
                 skipped.append(f"{pool.pool_id} has no prompt handler")
             else:
-                candidates.append(self._snapshot(entry))
+                candidates.append(self._snapshot(entry, health))
         if not candidates:
             why = "; ".join(skipped) if skipped else "the manager has no pools (create one with create_pool)"
             raise NoPoolAvailable(f"no pool can take the task: {why}")

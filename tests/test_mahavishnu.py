@@ -174,6 +174,9 @@ async def test_execute_batch_health_metrics_memory_and_stop(adapter):
     assert adapter._workers == {} and (await adapter.health_check())["status"] == "unhealthy"
     with pytest.raises(PoolClosed):
         await adapter.execute_task({"prompt": "echo late"})
+    with pytest.raises(PoolClosed):
+        await adapter.start()
+    assert await adapter.status() == "stopped"  # refused, not failed
 
 
 async def test_bad_tasks_raise_before_anything_runs(adapter):

@@ -264,6 +264,26 @@ async def test_health_does_not_wait_on_busy_workers_and_stop_leaves_no_process(t
         await manager.route_apply(tasks.square, (1,))
 
 
+async def test_a_cancelled_stop_still_finishes_and_a_later_stop_waits_for_it(tmp_path):
+    """Cancelling the caller of stop() neither aborts the shutdown nor leaves a later stop() waiting forever."""
+    manager = PoolManager()
+    pool = await manager.create_pool("a")
+    pids = pids_of(pool)
+    hung = [pool.submit(tasks.wait_for_file, str(tmp_path / "never")) for _ in range(3)]
+    first = asyncio.ensure_future(manager.stop(timeout=0.3))
+    await wait_for(lambda: pool.state is PoolState.CLOSING)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with anyio.fail_after(15):
+        await manager.stop()
+    assert pool.state is PoolState.CLOSED and not manager.running
+    assert_gone(pids)
+    for future in hung:
+        with pytest.raises(PoolClosed):
+            await future
+
+
 # -- the process-wide manager -----------------------------------------------------------------------
 
 

@@ -270,9 +270,9 @@ class ProcPoolAdapter:
         """
         try:
             await self._pool.initialize()
-        except BaseException:
+        except BrokenPool:
             self._start_failed = True
-            await asyncio.shield(self._pool.shutdown(timeout=0))
+            await asyncio.shield(self._pool.shutdown(timeout=0))  # reap what is left of it
             raise
         log.info("procpool pool %s started for %s", self.pool_id, self.config.name)
         return self.pool_id
