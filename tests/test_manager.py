@@ -93,15 +93,22 @@ async def test_least_loaded_sends_work_to_the_idle_pool_while_another_is_busy(ma
     assert collections.Counter(chosen(results)) == {"busy": 2, "idle": 2}
 
 
+async def troubled_pool_first(manager, troubled: str, healthy: str, marker, patience: float):
+    """Register a pool whose new workers wait ``patience`` s for ``marker`` to start, then a healthy pool;
+    remove the marker and SIGKILL one worker of the first, so its replacement cannot start yet."""
+    marker.touch()
+    pool = await manager.create_pool(troubled, initializer=tasks.wait_for_file, initargs=(str(marker), patience))
+    await manager.create_pool(healthy)
+    marker.unlink()
+    os.kill(pool.workers[0].pid, signal.SIGKILL)
+    return pool
+
+
 async def test_degraded_pool_is_routed_around_until_it_recovers(manager, tmp_path):
     """While a pool replaces a worker it is degraded, and every built-in selector prefers the healthy pool."""
     marker = tmp_path / "may-start"
-    marker.touch()
-    # Its replacement workers wait in the initializer until the marker exists again.
-    sick = await manager.create_pool("sick", initializer=tasks.wait_for_file, initargs=(str(marker), 30.0))
-    await manager.create_pool("well")
-    marker.unlink()
-    os.kill(sick.workers[0].pid, signal.SIGKILL)
+    # Its replacement worker waits in the initializer until the marker exists again.
+    sick = await troubled_pool_first(manager, "sick", "well", marker, patience=30.0)
     await wait_for(lambda: sick.health == "degraded" and sick.workers[0].state == "starting")
     for selector in ("least_loaded", "round_robin", "random"):
         results = [await manager.route_apply(tasks.square, (2,), selector=selector) for _ in range(4)]
@@ -121,13 +128,8 @@ async def test_degraded_pool_is_routed_around_until_it_recovers(manager, tmp_pat
 
 async def test_broken_pool_is_routed_around_and_never_offered(manager, tmp_path):
     """A pool that broke after registration gets no work; with only broken pools left, NoPoolAvailable."""
-    marker = tmp_path / "may-start"
-    marker.touch()
-    # Its replacement workers fail to start once the marker is gone, so the pool breaks.
-    fragile = await manager.create_pool("fragile", initializer=tasks.wait_for_file, initargs=(str(marker), 0.05))
-    await manager.create_pool("sound")
-    marker.unlink()
-    os.kill(fragile.workers[1].pid, signal.SIGKILL)
+    # Its replacement workers give up on the marker and fail to start, so the pool breaks.
+    fragile = await troubled_pool_first(manager, "fragile", "sound", tmp_path / "may-start", patience=0.05)
     await wait_for(lambda: fragile.state is PoolState.BROKEN)
     for selector in ("least_loaded", "round_robin", "random"):
         results = [await manager.route_apply(tasks.square, (2,), selector=selector) for _ in range(3)]
