@@ -60,6 +60,13 @@ def describe_exit(exitcode: int | None) -> str:
 class ProcPoolError(Exception):
     """Base class of every error procpool raises itself."""
 
+    # What str() says when the error was raised without a message.
+    default_message = "procpool error"
+
+    def __str__(self) -> str:
+        # Explicit, so KeyError's quoting and multiple inheritance never change the message.
+        return str(self.args[0]) if self.args else self.default_message
+
 
 class RemoteTraceback(Exception):
     """The traceback of an exception raised in a worker, attached as ``__cause__``."""
@@ -132,40 +139,34 @@ class TaskTimeout(ProcPoolError, TimeoutError):
 class SerializationError(ProcPoolError, pickle.PicklingError):
     """A task's function, argument, result or exception could not be pickled or unpickled."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "serialization failed"
+    default_message = "serialization failed"
 
 
 class BrokenPool(ProcPoolError, concurrent.futures.BrokenExecutor):
     """The pool cannot run work: its workers fail to start (crash loop or failing initializer)."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "the pool is broken"
+    default_message = "the pool is broken"
 
 
 class PoolClosed(ProcPoolError, RuntimeError):
     """The pool is shut down (or shutting down) and takes no more work."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "the pool is closed"
+    default_message = "the pool is closed"
 
 
 class PoolFull(ProcPoolError):
     """``submit`` found ``max_pending`` tasks already waiting; await ``apply`` to wait for room."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "the pool's pending queue is full"
+    default_message = "the pool's pending queue is full"
 
 
 class PoolNotFound(ProcPoolError, KeyError):
     """A PoolManager has no pool with the given id."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "no such pool"
+    default_message = "no such pool"
 
 
 class NoPoolAvailable(ProcPoolError):
     """A PoolManager has no running pool to route the task to."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "no pool available"
+    default_message = "no pool available"
