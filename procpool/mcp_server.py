@@ -22,8 +22,8 @@ the ``cli`` extra installed.
 """
 
 # No ``from __future__ import annotations`` here: the SDK reads the tools' annotations with
-# ``inspect.signature(eval_str=True)`` against module globals, and the tools are closures whose
-# annotations use names imported lazily inside build_server (pydantic's Field).
+# ``inspect.signature(eval_str=True)``, which resolves strings against module globals only, and
+# the tools' parameter types are local to _build (they carry the server's limits).
 
 import asyncio
 import contextlib
@@ -77,8 +77,10 @@ BUILTIN_HANDLERS: Mapping[str, str] = {
     "command": "procpool.handlers:command",
 }
 # Default limits. Pools: each is three processes, so 16 pools is 48 workers, plenty for one
-# machine. Prompt and batch bounds keep one request's memory in the tens of MiB. Timeout: one
-# hour; every task gets one (this is also the default), so no tool call can wait forever.
+# machine. A prompt of 1 MiB is far beyond any instruction text yet cheap to pickle to a worker;
+# a batch may still carry up to 1,000 of them on stdio (over HTTP the SDK caps a request at
+# 4 MiB). Timeout: one hour; every task gets one (it is also the default), so no tool call can
+# wait forever.
 DEFAULT_MAX_POOLS = 16
 DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 DEFAULT_MAX_BATCH = 1000
@@ -199,9 +201,8 @@ class ServerConfig:
     def __attrs_post_init__(self) -> None:
         if not self.handlers:
             raise ValueError("allow at least one handler, e.g. --handler echo or --handler NAME=module:function")
-        for name in self.handlers:
-            if not isinstance(name, str) or not _NAME.match(name):
-                raise ValueError(f"bad handler name {name!r}")
+        for name, path in self.handlers.items():
+            parse_handler(f"{name}={path}")
         if self.http is not None:
             parse_http(f"{self.http[0]}:{self.http[1]}")
         _positive("max_pools", self.max_pools, integer=True)

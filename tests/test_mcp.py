@@ -405,6 +405,22 @@ def test_default_limits_are_those_of_the_issue():
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"handlers": {}}, "allow at least one handler"),
+        ({"handlers": {"x": "no_such_module:f"}}, "cannot be imported"),
+        ({"handlers": {"echo": "procpool.handlers:echo"}, "max_pools": 0}, "max_pools must be a positive"),
+        ({"handlers": {"echo": "procpool.handlers:echo"}, "max_timeout": float("inf")}, "max_timeout must be"),
+        ({"handlers": {"echo": "procpool.handlers:echo"}, "http": ("10.0.0.1", 80)}, "not a loopback address"),
+    ],
+)
+def test_server_config_checks_what_embedders_pass(kwargs, message):
+    """ServerConfig, built in code rather than from flags, refuses the same bad values at once."""
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
     ("flags", "message"),
     [
         ([], "allow at least one handler"),
