@@ -164,8 +164,7 @@ def _check_shutdown_timeout(timeout: Any) -> float:
 
 def _has_handler(pool: WorkerPool) -> bool:
     """Whether the pool can run prompt tasks (``execute``)."""
-    # TODO: use a public WorkerPool.handler property once there is one.
-    return pool._handler_path is not None
+    return pool.handler is not None
 
 
 class PoolManager:

@@ -484,9 +484,13 @@ class WorkerPool:
                 expires the worker is killed and replaced and :class:`TaskTimeout` is raised.
 
         Raises:
-            The task's own exception (remote traceback as ``__cause__``), :class:`TaskTimeout`,
-            :class:`WorkerCrashed`, :class:`SerializationError`, :class:`PoolClosed`,
-            :class:`BrokenPool`; ``TypeError``/``ValueError`` for bad arguments.
+            Exception: the task's own exception, with the remote traceback as ``__cause__``.
+            TaskTimeout: the task ran past its timeout; its worker was replaced.
+            WorkerCrashed: the worker died while running it (or was stuck, or over its memory limit).
+            SerializationError: the call, its result or its exception could not cross.
+            PoolClosed: the pool is shut down.
+            BrokenPool: the pool's workers cannot start.
+            TypeError: an argument has the wrong type (ValueError: a bad value).
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -505,7 +509,7 @@ class WorkerPool:
         Raises:
             RuntimeError: the pool has no handler.
             TypeError: ``prompt`` is not a string or ``context`` not a dict.
-            Whatever ``apply`` raises.
+            Exception: whatever :meth:`apply` raises, for the same reasons.
         """
         payload, timeout = self._prompt_call(prompt, context, timeout)
         await self._wait_ready_for_work()
@@ -520,8 +524,11 @@ class WorkerPool:
         the report names the task, the worker that ran it and how long it took.
 
         Raises:
-            TypeError/ValueError for bad arguments, :class:`PoolClosed`/:class:`BrokenPool` when
-            the pool cannot take work. A task's own failure is in the report, not raised.
+            TypeError: an argument has the wrong type (ValueError: a bad value).
+            PoolClosed: the pool is shut down.
+            BrokenPool: the pool's workers cannot start.
+
+        A task's own failure (its exception, a crash, a timeout) is in the report, not raised.
         """
         payload, timeout = self._prompt_call(prompt, context, timeout)
         await self._wait_ready_for_work()
@@ -1015,6 +1022,11 @@ class WorkerPool:
         worker.kill(WorkerStuck(pid, None, detail), KILL_GRACE)
 
     # -- health and statistics -------------------------------------------------------------------
+
+    @property
+    def handler(self) -> str | None:
+        """The prompt handler's import path, or None when the pool has none."""
+        return self._handler_path
 
     @property
     def load(self) -> int:

@@ -341,10 +341,8 @@ def _choose_pool(manager: PoolManager, selector: str) -> WorkerPool:
 
     route_task returns only the handler's value, and the tool must report the task's id, worker
     and duration, so the tool picks the pool here and runs ``execute_detailed`` on it itself.
-    The one place that reaches into the manager's internals; switch to a public method (e.g.
-    ``PoolManager.choose_pool(selector)``) once there is one.
     """
-    return manager._choose(selector, needs_handler=True)
+    return manager.choose_pool(selector, needs_handler=True)
 
 
 def _json_ready(value: Any) -> Any:
