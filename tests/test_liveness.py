@@ -45,12 +45,15 @@ async def test_timeout_kills_the_tasks_whole_process_tree(tmp_path):
         await all_healthy(pool)
 
 
-async def test_timeout_stops_c_code_that_never_returns_to_the_interpreter():
-    """A task stuck in C code holding the GIL (regex backtracking) is stopped at its timeout."""
+@pytest.mark.parametrize(
+    ("fn", "args"), [(tasks.regex_forever, ()), (tasks.busy_loop, (60,))], ids=["C-code-holding-GIL", "python-loop"]
+)
+async def test_timeout_stops_cpu_bound_work_in_c_or_python(fn, args):
+    """A task spinning in C code that holds the GIL, or in a pure-Python loop, is stopped at its timeout."""
     async with WorkerPool() as pool:
         started = time.monotonic()
         with pytest.raises(TaskTimeout):
-            await pool.apply(tasks.regex_forever, timeout=0.5)
+            await pool.apply(fn, args, timeout=0.5)
         assert time.monotonic() - started < 5
         await all_healthy(pool)
         assert await pool.apply(tasks.square, (3,)) == 9
