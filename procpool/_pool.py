@@ -827,7 +827,7 @@ class WorkerPool:
 
     def _worker_ready(self, worker: Worker) -> None:
         self._start_failures = 0
-        log.debug("worker %s ready (pid %s)", worker.worker_id, worker.pid)
+        log.info("worker %s ready (pid %s)", worker.worker_id, worker.pid)
         if self._state is PoolState.STARTING and all(w.state in ("idle", "busy") for w in self.workers):
             self._state = PoolState.RUNNING
             self.started_at = time.time()
@@ -878,11 +878,20 @@ class WorkerPool:
             log.info("worker %s (pid %s) stopped (%s); replacing it", worker.worker_id, pid, describe_exit(exitcode))
         worker.restarts += 1
         self.workers_restarted += 1
-        worker.spawn()
+        self._respawn(worker)
 
-    def _start_failed(self, worker: Worker, pid: int | None, exitcode: int | None) -> None:
+    def _respawn(self, worker: Worker) -> None:
+        """Refill a slot; a process that cannot even be created counts as a failed start."""
+        try:
+            worker.spawn()
+        except Exception as exc:
+            log.exception("could not start a process for worker %s", worker.worker_id)
+            worker.init_failure = None
+            self._start_failed(worker, None, None, f"starting the process raised {exc!r}")
+
+    def _start_failed(self, worker: Worker, pid: int | None, exitcode: int | None, why: str | None = None) -> None:
         self._start_failures += 1
-        cause = f"worker {worker.worker_id} (pid {pid}) failed to start: {describe_exit(exitcode)}"
+        cause = f"worker {worker.worker_id} (pid {pid}) failed to start: {why or describe_exit(exitcode)}"
         if worker.init_failure:
             cause += f"; its initializer or handler raised:\n{worker.init_failure}"
         log.error("%s (%d in a row)", cause, self._start_failures)
@@ -896,7 +905,7 @@ class WorkerPool:
 
     def _respawn_if_open(self, worker: Worker) -> None:
         if self._state in (PoolState.STARTING, PoolState.RUNNING) and worker.process is None:
-            worker.spawn()
+            self._respawn(worker)
 
     def _break(self, cause: str) -> None:
         """Too many failed starts: fail everything with BrokenPool and stop the survivors."""

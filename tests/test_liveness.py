@@ -301,3 +301,23 @@ async def test_statistics_count_every_kind_of_failure_and_latency():
         assert sum(w["restarts"] for w in status["workers"]) == 2
         assert 0 < status["latency_p50"] <= status["latency_p95"] <= status["latency_p99"]
         assert {w["state"] for w in status["workers"]} <= {"idle", "busy"}
+
+
+async def test_a_slot_that_cannot_start_a_process_breaks_the_pool_instead_of_hanging(monkeypatch):
+    """If a new worker process cannot be created (e.g. out of file descriptors), callers get BrokenPool, not a hang."""
+    from procpool._worker import Worker
+
+    async with WorkerPool() as pool:
+
+        def refuse(self):
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(Worker, "spawn", refuse)  # the OS refusing cannot be had on demand
+        victims = [w.pid for w in pool.workers]
+        barrier_tasks = [pool.submit(tasks.exit_now, 1) for _ in range(3)]
+        more = pool.submit(tasks.square, 3)
+        results = await asyncio.gather(*barrier_tasks, more, return_exceptions=True)
+        assert all(isinstance(r, WorkerCrashed) for r in results[:3])
+        assert isinstance(results[3], BrokenPool) and "Too many open files" in str(results[3])
+        assert pool.get_status()["state"] == "broken"
+        assert_gone(victims)
