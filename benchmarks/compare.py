@@ -390,7 +390,9 @@ def render(report: dict[str, Any]) -> str:
     ]
     units = {m.key: m.unit for m in METRICS}
     for t in report["targets"]:
-        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        verdict = {True: "met", False: "MISSED"}.get(t["met"]) or (
+            "not measured" if t["procpool"] is None else "not checked (no required peer ran)"
+        )
         unit = units[t["metric"]]
         mine = _format(t["procpool"], unit) if t["procpool"] is not None else "n/a"
         against = f" vs {BY_KEY[t['best_peer']].label} {_format(t['best'], unit)}" if t["best_peer"] else ""
@@ -451,7 +453,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the full report as JSON")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for path in (args.json, args.markdown):
+        if path is not None and not path.parent.is_dir():
+            parser.error(f"cannot write {path}: {path.parent} is not a directory")
+    return args
 
 
 def _positive_int(text: str) -> int:
