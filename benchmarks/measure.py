@@ -59,18 +59,21 @@ class Runner:
         await self.close_pool()
 
     def finish(self) -> None:
-        """Run the interpreter's exit hooks, then report the processes still alive.
+        """Report the workers that outlived their pools' shutdown, then run the exit hooks.
 
-        The hooks stop helpers a library keeps for the interpreter's lifetime (aiomultiprocess's
-        manager process); they run in a daemon thread with a bound, because a peer's hook can
-        hang on a lock that a killed worker held. The caller then skips the real exit.
+        Checked before the hooks, which could hide a leak (procpool's kills the workers of
+        pools nobody shut down). The hooks stop helpers a library keeps for the interpreter's
+        lifetime (aiomultiprocess's manager); they run in a daemon thread with a bound, because
+        a peer's hook can hang on a lock that a killed worker held. The caller then skips the
+        real exit.
         """
+        leftover = self.leftover_workers()
         hooks = threading.Thread(target=atexit._run_exitfuncs, daemon=True)
         hooks.start()
         hooks.join(self.bound)
         if hooks.is_alive():
             self.notes.append("the interpreter's exit hooks hang")
-        self.emit({"step": "end", "leftover": self.leftover_workers()})
+        self.emit({"step": "end", "leftover": leftover})
 
     def emit(self, line: dict[str, Any]) -> None:
         self.note_processes()
@@ -96,10 +99,11 @@ class Runner:
     def leftover_workers(self) -> list[int]:
         """Processes seen here that are still alive 5 s after every pool was shut down.
 
-        Helpers that live as long as this interpreter (the forkserver, the resource tracker)
-        are excluded; the parent checks that they exit with this process.
+        Helpers that live as long as this interpreter (the forkserver, resource trackers, a
+        library's own manager) are excluded; the parent checks that they exit with this process.
         """
         helpers = {p.pid for p in psutil.Process().children() if _is_helper(p)}
+        helpers.update(self.peer.helper_pids())
         procs = []
         for pid, created in self.seen.items():
             try:

@@ -70,6 +70,10 @@ class Peer:
     def worker_pids(self) -> list[int]:
         raise NotImplementedError
 
+    def helper_pids(self) -> list[int]:
+        """Processes the library keeps for the interpreter's lifetime rather than per pool."""
+        return []
+
     async def one(self, x: int) -> int:
         """One task, submitted and awaited: a round trip."""
         raise NotImplementedError
@@ -311,6 +315,13 @@ class AioMultiprocess(Peer):
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self.pool.processes if p.pid is not None and p.exitcode is None]
+
+    def helper_pids(self) -> list[int]:
+        from aiomultiprocess import core
+
+        # Its singleton Manager, started with the first pool and stopped at interpreter exit.
+        process = getattr(core._manager, "_process", None)
+        return [process.pid] if process is not None else []
 
     async def one(self, x: int) -> int:
         return await self.pool.apply(w.asquare, (x,))
