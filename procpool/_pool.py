@@ -369,7 +369,9 @@ class WorkerPool:
             self._loop = asyncio.get_running_loop()
             self._ctx = multiprocessing.get_context(self.start_method)
             if self.start_method == "forkserver":
-                self._ctx.set_forkserver_preload(["procpool._child"])
+                # The fork server imports these once; each worker forked from it then starts
+                # without re-importing them, the main module (with everything it imports) included.
+                self._ctx.set_forkserver_preload(["__main__", "procpool._child"])
             self._started = self._loop.create_future()
             self._room = asyncio.Event()
             self._room.set()
