@@ -100,6 +100,8 @@ STACK_DUMP_GRACE = 0.25
 
 
 class PoolState(enum.Enum):
+    """A pool's lifecycle: INITIAL, STARTING, RUNNING, then CLOSING and CLOSED (or BROKEN)."""
+
     INITIAL = "initial"
     STARTING = "starting"
     RUNNING = "running"
@@ -262,6 +264,12 @@ class WorkerPool:
         max_tasks_per_worker: replace a worker after it has run this many tasks.
         max_memory_mb: replace a worker whose RSS passes this: after a task, gracefully; while
             a task runs, at once, failing the task with :class:`MemoryLimitExceeded`.
+
+    Attributes:
+        pool_id: the pool's name.
+        workers: the three :class:`Worker` slots (each keeps its identity across restarts).
+
+    All methods must be called from the thread running the pool's event loop.
     """
 
     def __init__(
@@ -346,10 +354,12 @@ class WorkerPool:
 
     @property
     def state(self) -> PoolState:
+        """Where the pool is in its lifecycle (see :class:`PoolState`)."""
         return self._state
 
     @property
     def running(self) -> bool:
+        """Whether the pool is RUNNING: started, not broken, not shut down."""
         return self._state is PoolState.RUNNING
 
     async def initialize(self) -> None:
@@ -829,7 +839,10 @@ class WorkerPool:
 
     def _worker_ready(self, worker: Worker) -> None:
         self._start_failures = 0
-        log.info("worker %s ready (pid %s)", worker.worker_id, worker.pid)
+        if worker.restarts:
+            log.info("worker %s replaced: pid %s ready (restart %d)", worker.worker_id, worker.pid, worker.restarts)
+        else:
+            log.info("worker %s ready (pid %s)", worker.worker_id, worker.pid)
         if self._state is PoolState.STARTING and all(w.state in ("idle", "busy") for w in self.workers):
             self._state = PoolState.RUNNING
             self.started_at = time.time()

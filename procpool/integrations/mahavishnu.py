@@ -206,8 +206,9 @@ class ProcPoolAdapter:
             Its ``extra_config`` may hold :class:`WorkerPool` options (``handler`` ...).
             ``min_workers <= 3 <= max_workers`` must hold: a procpool pool has three workers.
         pool_id: the pool id; generated when omitted.
-        terminal_manager, session_buddy_client: accepted and ignored, so that the class itself
-            can be registered as a Mahavishnu pool factory (which passes them).
+        terminal_manager: accepted and ignored, so that the class itself can be registered as a
+            Mahavishnu pool factory (which passes it).
+        session_buddy_client: accepted and ignored, for the same reason.
         **pool_options: :class:`WorkerPool` options; they override ``extra_config``.
 
     Raises:
