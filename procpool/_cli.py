@@ -223,12 +223,14 @@ async def _demo_parallel(tasks: int, pools: int, faults: bool, show: bool, scrat
             half_way.set()
 
     async def time_out_one() -> None:
+        assert timed_chunk is not None  # only scheduled with faults on
         await half_way.wait()
         say(f"chunk {timed_chunk} sleeps {FAULT_STALL:g} s but may run {FAULT_TIMEOUT:g} s")
         events.append({"fault": "timeout", "chunk": timed_chunk, "timeout": FAULT_TIMEOUT})
         await run_chunk(timed_chunk, stall=FAULT_STALL, timeout=FAULT_TIMEOUT)
 
     async def kill_one() -> None:
+        assert killed_chunk is not None  # only scheduled with faults on
         await half_way.wait()
         announce = scratch / "victim.pid"
         # The chunk writes its worker's pid, then waits to be killed (no timeout of its own).
@@ -285,7 +287,9 @@ def _demo_serial(tasks: int, show: bool) -> tuple[float, list[int]]:
         return time.perf_counter() - t0, results
 
 
-def _demo_summary(tasks: int, pools: int, faults: bool, run: dict[str, Any], serial_s: float, serial: list[int]) -> dict[str, Any]:
+def _demo_summary(
+    tasks: int, pools: int, faults: bool, run: dict[str, Any], serial_s: float, serial: list[int]
+) -> dict[str, Any]:
     outcomes = run["outcomes"]
     kinds = collections.Counter(o[0] for o in outcomes if o is not None)
     done = kinds["done"]
@@ -348,16 +352,25 @@ def _print_demo_tables(summary: dict[str, Any]) -> None:
 
     s = summary
     red = "[bold red]{}[/]".format
-    totals = Table(title=f"procpool demo: {s['pools']} pools x {POOL_SIZE} workers", show_header=False, title_justify="left")
+    totals = Table(
+        title=f"procpool demo: {s['pools']} pools x {POOL_SIZE} workers", show_header=False, title_justify="left"
+    )
     totals.add_column(style="bold")
     totals.add_column()
     totals.add_row("tasks", f"{s['tasks']} (each counts the primes among {DEMO_SPAN} numbers)")
     totals.add_row("done", str(s["done"]))
-    totals.add_row("failed on purpose", f"{s['failed_on_purpose']} ({s['timed_out']} timed out, {s['crashed']} worker killed)")
-    totals.add_row("failed otherwise", str(s["failed_unexpectedly"]) if not s["failed_unexpectedly"] else red(s["failed_unexpectedly"]))
+    totals.add_row(
+        "failed on purpose", f"{s['failed_on_purpose']} ({s['timed_out']} timed out, {s['crashed']} worker killed)"
+    )
+    totals.add_row(
+        "failed otherwise",
+        str(s["failed_unexpectedly"]) if not s["failed_unexpectedly"] else red(s["failed_unexpectedly"]),
+    )
     accounted = f"{s['done'] + s['failed_on_purpose']} of {s['tasks']}"
     totals.add_row("accounted for", accounted if s["all_accounted_for"] else red(accounted))
-    totals.add_row("results", "same as the serial run" if s["results_match_serial"] else red("DIFFER from the serial run"))
+    totals.add_row(
+        "results", "same as the serial run" if s["results_match_serial"] else red("DIFFER from the serial run")
+    )
     totals.add_row("parallel run", f"{s['parallel_s']:.2f} s, {s['throughput_tasks_per_s']} tasks/s")
     totals.add_row("serial run", f"{s['serial_s']:.2f} s (same work, one process)")
     totals.add_row("speed-up", f"{s['speedup']}x on {s['cpu_count']} CPUs")
@@ -369,8 +382,13 @@ def _print_demo_tables(summary: dict[str, Any]) -> None:
         pools.add_column(column, justify="left" if column in ("pool", "health") else "right")
     for p in s["pool_status"]:
         pools.add_row(
-            p["pool_id"], p["health"], str(p["tasks_completed"]), str(p["tasks_failed"]), str(p["workers_restarted"]),
-            str(p["latency_p50_ms"]), str(p["latency_p99_ms"]),
+            p["pool_id"],
+            p["health"],
+            str(p["tasks_completed"]),
+            str(p["tasks_failed"]),
+            str(p["workers_restarted"]),
+            str(p["latency_p50_ms"]),
+            str(p["latency_p99_ms"]),
         )
 
     workers = Table(title="workers", title_justify="left")
@@ -379,8 +397,13 @@ def _print_demo_tables(summary: dict[str, Any]) -> None:
     for p in s["pool_status"]:
         for w in p["workers"]:
             workers.add_row(
-                w["worker_id"], str(w["pid"]), w["state"], "yes" if w["healthy"] else red("no"),
-                str(w["restarts"]), str(w["tasks_processed"]), str(w["rss_mb"]),
+                w["worker_id"],
+                str(w["pid"]),
+                w["state"],
+                "yes" if w["healthy"] else red("no"),
+                str(w["restarts"]),
+                str(w["tasks_processed"]),
+                str(w["rss_mb"]),
             )
     console = Console()
     for table in (totals, pools, workers):
@@ -388,8 +411,12 @@ def _print_demo_tables(summary: dict[str, Any]) -> None:
 
 
 @cli.command(short_help="Show procpool at work, surviving a killed worker and a timeout.")
-@click.option("--tasks", type=click.IntRange(4, 10_000), default=300, show_default=True, help="How many chunks of work.")
-@click.option("--pools", type=click.IntRange(1, 8), default=2, show_default=True, help="How many pools of three workers.")
+@click.option(
+    "--tasks", type=click.IntRange(4, 10_000), default=300, show_default=True, help="How many chunks of work."
+)
+@click.option(
+    "--pools", type=click.IntRange(1, 8), default=2, show_default=True, help="How many pools of three workers."
+)
 @click.option("--no-faults", is_flag=True, help="Do not kill a worker or time out a task half-way.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout, no progress bar.")
 def demo(tasks: int, pools: int, no_faults: bool, as_json: bool) -> None:
@@ -482,7 +509,13 @@ async def _run_items(
                     except Exception as exc:
                         failed += 1
                         record["error"] = _error_record(exc)
-                        log.error("item %d (%s) failed: %s: %s", index, json.dumps(item, default=repr), type(exc).__name__, exc)
+                        log.error(
+                            "item %d (%s) failed: %s: %s",
+                            index,
+                            json.dumps(item, default=repr),
+                            type(exc).__name__,
+                            exc,
+                        )
                         if show_tb and exc.__cause__ is not None:
                             log.error("worker traceback of item %d:\n%s", index, exc.__cause__)
                     click.echo(json.dumps(record, default=repr))
@@ -499,7 +532,9 @@ async def _run_items(
 @click.option("--strings", is_flag=True, help="Pass inputs as strings; by default valid JSON is decoded.")
 @click.option("--star", is_flag=True, help="Call function(*item) when an input is a JSON list.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds each item may run.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on an interactive stderr.")
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Progress bar on an interactive stderr."
+)
 @click.option("--traceback", "show_tb", is_flag=True, help="Log the worker-side traceback of failed items.")
 def run(
     function: Callable[..., Any],
@@ -519,10 +554,7 @@ def run(
     """
     if args and input_file is not None:
         raise click.UsageError("give inputs as arguments or with --input, not both")
-    if input_file is not None:
-        texts = [line.rstrip("\r\n") for line in input_file if line.strip()]
-    else:
-        texts = list(args)
+    texts = [line.rstrip("\r\n") for line in input_file if line.strip()] if input_file is not None else list(args)
     if not texts:
         raise click.UsageError("no inputs: pass ARGs or --input FILE")
     items = [_parse_input(t, strings) for t in texts]
@@ -543,7 +575,9 @@ def benchmarks_dir() -> Path:
 @cli.command(short_help="Benchmark procpool against its peers.", context_settings={"ignore_unknown_options": True})
 @click.option("--quick", is_flag=True, help="A short run (under two minutes).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Also write the table as Markdown here.")
+@click.option(
+    "--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Also write the table as Markdown here."
+)
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[COMPARE OPTIONS]...")
 def bench(quick: bool, json_path: str | None, markdown_path: str | None, extra: tuple[str, ...]) -> None:
     """Run benchmarks/compare.py: procpool against its peers, with the ratio table.
