@@ -433,6 +433,8 @@ class WorkerPool:
             self._resolve(self._pending.popleft(), False, never_ran)
         live = [w for w in self.workers if w.process is not None]
         self._all_exited = self._loop.create_future()
+        # The pool is CLOSED when its last worker has exited, whether or not anyone still waits.
+        self._all_exited.add_done_callback(self._closed)
         if not live:
             self._all_exited.set_result(None)
         for worker in live:
@@ -442,18 +444,27 @@ class WorkerPool:
         try:
             await asyncio.wait_for(asyncio.shield(self._all_exited), timeout)
         except TimeoutError:
-            reason = PoolClosed(f"pool {self.pool_id!r} shut down; the task was killed after {timeout:g} s")
-            for worker in self.workers:
-                if worker.process is not None:
-                    worker.state = "running"  # let kill() act even on a worker it already stops
-                    worker.kill(reason, KILL_GRACE)
+            self._kill_all(f"the task was killed after {timeout:g} s")
             await asyncio.shield(self._all_exited)
+        except asyncio.CancelledError:
+            # The caller stopped waiting: stop now rather than leave workers running unwatched.
+            self._kill_all("the shutdown was cancelled, so running tasks were killed")
+            raise
+
+    def _kill_all(self, why: str) -> None:
+        reason = PoolClosed(f"pool {self.pool_id!r} shut down; {why}")
+        for worker in self.workers:
+            if worker.process is not None:
+                worker.kill(reason, KILL_GRACE)
+
+    def _closed(self, _: asyncio.Future[None]) -> None:
         self._state = PoolState.CLOSED
         _live_pools.discard(self)
         if self._monitor is not None:
             self._monitor.cancel()
         if self._stack_dir is not None:
             shutil.rmtree(self._stack_dir, ignore_errors=True)
+        assert self._closed_event is not None
         self._closed_event.set()
         log.info("pool %s shut down", self.pool_id)
 

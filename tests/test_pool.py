@@ -558,3 +558,23 @@ async def test_execute_detailed_reports_worker_duration_and_failures():
     assert good.duration > 0 and good.task_id >= 1
     assert not bad.ok and bad.status == "failed" and isinstance(bad.error, ValueError)
     assert bad.error_message() == "ValueError: handler failed on purpose"
+
+
+async def test_cancelling_shutdown_still_stops_every_worker():
+    """A shutdown whose caller is cancelled kills the running tasks and still closes the pool."""
+    pool = WorkerPool()
+    await pool.initialize()
+    pids = pids_of(pool)
+    running = [pool.submit(tasks.slow_pid, 60) for _ in range(3)]
+    await wait_until(lambda: all(w.in_flight for w in pool.workers))
+    closing = asyncio.ensure_future(pool.shutdown(timeout=60))
+    await asyncio.sleep(0.1)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await asyncio.wait_for(pool.shutdown(), 10)  # a second call waits for the first to finish
+    assert pool.state is procpool.PoolState.CLOSED
+    for fut in running:
+        with pytest.raises(PoolClosed, match="cancelled"):
+            fut.result()
+    assert_gone(pids)
