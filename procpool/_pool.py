@@ -601,13 +601,19 @@ class WorkerPool:
             raise ValueError("prompts must not be empty")
         calls = [self._prompt_call(p, context, timeout) for p in prompts]
         futures: list[asyncio.Future[Any]] = []
+        # Futures report their end through a queue, so progress callbacks run here, in the
+        # caller's task, where their exceptions reach the caller (not the loop's error handler).
+        finished: asyncio.Queue[asyncio.Future[Any]] = asyncio.Queue()
         with make_progress(progress, len(calls), f"{self.pool_id}: batch") as reporter:
             try:
                 for payload, task_timeout in calls:
                     await self._wait_ready_for_work()
                     future = self._submit(payload, task_timeout).future
-                    future.add_done_callback(lambda _: reporter.advance())
+                    future.add_done_callback(finished.put_nowait)
                     futures.append(future)
+                for _ in futures:
+                    await finished.get()
+                    reporter.advance()
                 return list(await asyncio.gather(*futures, return_exceptions=True))
             except BaseException:
                 for fut in futures:

@@ -578,3 +578,16 @@ async def test_cancelling_shutdown_still_stops_every_worker():
         with pytest.raises(PoolClosed, match="cancelled"):
             fut.result()
     assert_gone(pids)
+
+
+async def test_a_failing_progress_callback_reaches_the_caller():
+    """An exception raised by a progress callback surfaces in execute_batch and map, not in a log."""
+
+    def broken(done, total):
+        raise KeyError("callback bug")
+
+    async with WorkerPool(handler="tasks:prompt_handler") as pool:
+        with pytest.raises(KeyError, match="callback bug"):
+            await pool.execute_batch(["a", "b"], progress=broken)
+        with pytest.raises(KeyError, match="callback bug"):
+            [v async for v in pool.map(tasks.square, range(10), progress=broken)]
