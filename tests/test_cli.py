@@ -20,7 +20,9 @@ SCRIPT = Path(sys.executable).with_name("procpool")
 DEADLINE = 120
 
 
-def procpool(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def procpool(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the installed console script and wait for it (subprocess.run kills it on timeout)."""
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "procpool"]
     return subprocess.run(
@@ -181,11 +183,18 @@ def test_bench_quick_runs_the_suite_and_writes_json_and_markdown(tmp_path):
 
 def test_bench_without_a_source_checkout_says_so(tmp_path):
     """bench in an installed copy of procpool (no benchmarks/ beside it) exits 1 with a clear message."""
-    shutil.copytree(benchmarks_dir().parent / "procpool", tmp_path / "procpool", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        benchmarks_dir().parent / "procpool", tmp_path / "procpool", ignore=shutil.ignore_patterns("__pycache__")
+    )
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-m", "procpool", "bench", "--quick"],
-        capture_output=True, text=True, timeout=DEADLINE, env=env, cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        env=env,
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode == 1
     assert "source checkout" in proc.stderr and str(tmp_path / "benchmarks") in proc.stderr

@@ -76,7 +76,9 @@ def test_true_on_a_terminal_draws_a_rich_bar_on_stderr():
         print("stdout stays clean")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR")
+    }
     env["TERM"] = "xterm"
     master, slave = pty.openpty()
     try:
