@@ -158,6 +158,24 @@ class TaskReport:
         return None if self.error is None else f"{type(self.error).__name__}: {self.error}"
 
 
+class _TaskFuture(asyncio.Future[Any]):
+    """A task's future that tells the pool of a cancellation at once, inside ``cancel()``.
+
+    asyncio runs done-callbacks a loop step later; in that step a worker could start the task the
+    caller has just cancelled, and a cancelled task must never run.
+    """
+
+    on_cancel: Callable[[], None] | None = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.done():
+            return False
+        hook, self.on_cancel = self.on_cancel, None
+        if hook is not None:
+            hook()
+        return super().cancel(msg)
+
+
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
@@ -723,9 +741,9 @@ class WorkerPool:
                 "await pool.apply() to wait for room instead"
             )
         loop = self._loop
-        future = loop.create_future()
+        future = _TaskFuture(loop=loop)
         task = Task(next(self._task_ids), payload, future, timeout, time.monotonic())
-        future.add_done_callback(functools.partial(self._on_future_done, task))
+        future.on_cancel = functools.partial(self._on_cancel, task)
         self.tasks_submitted += 1
         if not pending and self._state is PoolState.RUNNING:
             # Fast path for latency: an idle worker takes the task right now.
@@ -808,10 +826,8 @@ class WorkerPool:
         self._resolve(task, False, error)
         worker.kill(error, KILL_GRACE)
 
-    def _on_future_done(self, task: Task, future: asyncio.Future[Any]) -> None:
-        """A caller cancelled a task's future: drop it if it has not started, else kill its worker."""
-        if not future.cancelled():
-            return
+    def _on_cancel(self, task: Task) -> None:
+        """A caller cancels a task's future: drop it if it has not started, else kill its worker."""
         self.tasks_cancelled += 1
         if task.state == "pending":
             try:
