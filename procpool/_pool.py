@@ -187,6 +187,8 @@ def _kill_leftover_workers() -> None:
     would wait forever on our non-daemon workers.
     """
     for pool in list(_live_pools):
+        if pool._stack_dir is not None:
+            shutil.rmtree(pool._stack_dir, ignore_errors=True)
         for worker in pool.workers:
             if worker.process is not None and worker.pid is not None:
                 for kill in (os.killpg, os.kill):
@@ -762,7 +764,7 @@ class WorkerPool:
     def _window(self) -> int:
         avg = self._avg_duration
         if avg is None:
-            return 2
+            return 1  # nothing measured yet: assume tasks are long
         return max(1, min(MAX_WINDOW, int(PREFETCH_SECONDS / avg) + 1)) if avg > 0 else MAX_WINDOW
 
     def _dispatch(self) -> None:
@@ -770,6 +772,7 @@ class WorkerPool:
         self._dispatch_scheduled = False
         pending = self._pending
         if not pending or self._state is not PoolState.RUNNING:
+            self._update_room()
             return
         window = self._window()
         ready = [w for w in self.workers if w.state in ("idle", "busy") and len(w.in_flight) < window]
@@ -787,8 +790,17 @@ class WorkerPool:
                 worker.send(batch)
             if limit is not None and worker.sent_count >= limit:
                 self._recycle(worker, f"it has run {limit} tasks (max_tasks_per_worker)")
-        if self._room is not None and len(pending) < self.max_pending:
+        self._update_room()
+
+    def _update_room(self) -> None:
+        """Wake callers waiting for room once the pending queue is below max_pending."""
+        if self._room is not None and len(self._pending) < self.max_pending:
             self._room.set()
+
+    def _schedule_dispatch(self) -> None:
+        if self._pending and not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self._loop.call_soon(self._dispatch)
 
     def _resolve(self, task: Task, ok: bool, value: Any) -> None:
         """Resolve a task's future once, and count the outcome."""
@@ -835,6 +847,7 @@ class WorkerPool:
             except ValueError:
                 pass
             task.state = "done"
+            self._update_room()
         elif task.state == "sent" and task.worker is not None:
             worker = task.worker
             if worker.is_running(task):
@@ -866,9 +879,7 @@ class WorkerPool:
                 rss_mb = worker.rss_mb()
                 if rss_mb is not None and rss_mb > self.max_memory_mb:
                     self._recycle(worker, f"its RSS is {rss_mb:.0f} MB, over max_memory_mb={self.max_memory_mb:g}")
-        if self._pending and not self._dispatch_scheduled:
-            self._dispatch_scheduled = True
-            self._loop.call_soon(self._dispatch)
+        self._schedule_dispatch()
 
     def _worker_ready(self, worker: Worker) -> None:
         self._start_failures = 0
@@ -891,15 +902,23 @@ class WorkerPool:
         self, worker: Worker, pid: int | None, exitcode: int | None, tasks: list[Task], running: int, never_ready: bool
     ) -> None:
         closing = self._state in (PoolState.CLOSING, PoolState.CLOSED, PoolState.BROKEN)
-        reason = worker.kill_reason
         requeue = []
         for task in tasks:
+            if task.timer is not None:  # a requeued task's clock restarts on its next worker
+                task.timer.cancel()
+                task.timer = None
             if task.future.done():
                 task.state = "done"
                 continue
             if task.seq == running:
+                # The kill's reason belongs to the task the kill was decided for; any other
+                # running task died with the worker.
+                reason = worker.kill_reason if task.seq == worker.kill_seq else None
                 if reason is None:
-                    reason = WorkerCrashed(pid, exitcode, f"task {task.id} on worker {worker.worker_id}")
+                    detail = f"task {task.id} on worker {worker.worker_id}"
+                    if worker.kill_reason is not None:
+                        detail += f", killed while the worker was being replaced ({worker.kill_reason})"
+                    reason = WorkerCrashed(pid, exitcode, detail)
                     self.tasks_crashed += 1
                 self._resolve(task, False, reason)
             elif closing:
@@ -917,6 +936,7 @@ class WorkerPool:
             return
         if never_ready:
             self._start_failed(worker, pid, exitcode)
+            self._schedule_dispatch()
             return
         if worker.retiring and exitcode == 0:
             log.info("worker %s (pid %s) recycled", worker.worker_id, pid)
@@ -927,6 +947,7 @@ class WorkerPool:
         worker.restarts += 1
         self.workers_restarted += 1
         self._respawn(worker)
+        self._schedule_dispatch()  # requeued tasks may go to the other workers now
 
     def _respawn(self, worker: Worker) -> None:
         """Refill a slot; a process that cannot even be created counts as a failed start."""
@@ -1046,12 +1067,16 @@ class WorkerPool:
             worker.progress_at = beat
         idle_for = now - worker.progress_at
         if self.stuck_after is None or idle_for < self.stuck_after:
-            if worker.state == "stuck":
-                worker.state = "busy"
+            if worker.stuck:
+                worker.stuck = False
+                if worker.state == "stuck":
+                    worker.state = "busy"
             return
-        if worker.state == "stuck":
+        if worker.stuck:
             return
-        worker.state = "stuck"
+        worker.stuck = True
+        if not worker.retiring:  # a retiring worker stays "stopping": it must not take work
+            worker.state = "stuck"
         self.workers_stuck += 1
         evidence = (
             f"task {head.id} made no progress for {idle_for:.1f} s (stuck_after={self.stuck_after:g}); "

@@ -105,7 +105,14 @@ class Worker:
     _psutil: psutil.Process | None = None
     # Set when the parent kills the worker on purpose: the error the running task gets.
     kill_reason: BaseException | None = None
+    # The seq of the task the worker was running when the kill was decided (0: none): only that
+    # task gets kill_reason; tasks behind it are skipped by the child and run elsewhere.
+    kill_seq: int = 0
     _killing: bool = False
+    # Tasks the child skipped because the worker is being killed: requeued when it has exited.
+    skipped: list[Task] = attrs.Factory(list)
+    # Set once the sentinel fired: a late Ready must not make the dead worker take work.
+    _exited: bool = False
     # Recycling: no more tasks for this process; it exits once it has run what it holds.
     retiring: bool = False
     # Tasks written to the current process (for max_tasks_per_worker).
@@ -115,6 +122,8 @@ class Worker:
     watch_seq: int = 0
     watch_cpu: float = 0.0
     progress_at: float = 0.0
+    # The monitor judged the running task stuck (the state shows it unless the worker retires).
+    stuck: bool = False
     task_cpu_start: float = 0.0
     init_failure: str | None = None
     spawned_at: float = 0.0
@@ -142,7 +151,7 @@ class Worker:
         else:
             for i in range(_child.STATE_SIZE):
                 self.shared[i] = 0
-        self.process = ctx.Process(
+        process = ctx.Process(
             target=_child.main,
             args=(
                 call_r,
@@ -156,23 +165,34 @@ class Worker:
             ),
             name=f"procpool-{self.worker_id}",
         )
+        try:
+            process.start()
+        except BaseException:
+            call_w.close()
+            result_r.close()
+            raise
+        finally:
+            call_r.close()
+            result_w.close()
+        # Only a started process fills the slot: a failed start leaves it empty (process None),
+        # so the pool can count the failure and try again.
+        self.process = process
+        self.pid = process.pid
         self.state = "starting"
         self.init_failure = None
         self.kill_reason = None
+        self.kill_seq = 0
         self._killing = False
+        self._exited = False
         self.retiring = False
+        self.skipped = []
         self.sent_count = 0
         self.watch_seq = 0
+        self.stuck = False
         self._next_seq = 0
         self._frames = m.FrameReader()
         self._out = bytearray()
         self.spawned_at = time.monotonic()
-        try:
-            self.process.start()
-        finally:
-            call_r.close()
-            result_w.close()
-        self.pid = self.process.pid
         self._psutil = None
         self._conns = (call_w, result_r)
         self._call_fd = call_w.fileno()
@@ -207,6 +227,7 @@ class Worker:
     def _on_exit(self) -> None:
         """The process sentinel fired: collect its last results, then report the death."""
         process = self.process
+        self._exited = True
         self._drain()
         loop = self.pool._loop
         if self._sentinel is not None:
@@ -227,7 +248,8 @@ class Worker:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        tasks = list(self.in_flight)
+        tasks = self.skipped + list(self.in_flight)
+        self.skipped = []
         self.in_flight.clear()
         running = self.shared[_child.CURRENT]
         never_ready = self.state == "starting"
@@ -242,6 +264,10 @@ class Worker:
         self._killing = True
         self.state = "stopping"
         self.kill_reason = reason
+        self.kill_seq = self.shared[_child.CURRENT]
+        for task in self.in_flight:
+            if task.seq != self.kill_seq:
+                self.cancel_unstarted(task)
         tree = self._descendants()
         self._signal_all(tree, signal.SIGTERM)
         if grace > 0:
@@ -250,6 +276,8 @@ class Worker:
             self._signal_all(tree, signal.SIGKILL)
 
     def _descendants(self) -> list[psutil.Process]:
+        if self.pid is None:
+            return []  # psutil.Process(None) would be this very process
         try:
             return psutil.Process(self.pid).children(recursive=True)
         except psutil.Error:
@@ -401,8 +429,13 @@ class Worker:
                 self._finished(task, False, err)
             elif kind == m.SKIPPED:
                 task = in_flight.popleft()
-                self._finished(task, None, None)
+                if self._killing and not task.future.done():
+                    self.skipped.append(task)  # skipped only because the worker is being replaced
+                else:
+                    self._finished(task, None, None)
             elif kind == m.READY:
+                if self._exited:
+                    continue  # it died right after: a failed start, not a worker to use
                 self.state = "stopping" if self._killing or self.retiring else "idle"
                 pool._worker_ready(self)
             elif kind == m.INIT_FAILED:
@@ -428,8 +461,9 @@ class Worker:
             head = self.in_flight[0]
             if head.timeout is not None and head.timer is None:
                 self.pool._arm_timeout(self, head)
-        elif self.state in ("busy", "stuck"):
+        elif self.state in ("busy", "stuck") and not self.retiring:
             self.state = "idle"
+            self.stuck = False
         self.pool._task_finished(self, task, ok, value, duration)
 
     # -- health --------------------------------------------------------------------------------

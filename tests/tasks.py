@@ -240,3 +240,22 @@ def chaos(kind: str, runs: str, task_id: int) -> object:
     if kind == "unpicklable":
         return threading.Lock()
     raise AssertionError(kind)
+
+
+def ignore_sigterm_then_sleep(seconds: float) -> float:
+    """Like a library that installs its own SIGTERM handler: survive SIGTERM, then finish."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(seconds)
+    return seconds
+
+
+def sleep_if_exists(path: str, seconds: float) -> None:
+    """An initializer that is slow only once the test has created ``path``."""
+    if os.path.exists(path):
+        time.sleep(seconds)
+
+
+def exit_if_exists(path: str) -> None:
+    """An initializer that fails (exit code 4) once the test has created ``path``."""
+    if os.path.exists(path):
+        os._exit(4)

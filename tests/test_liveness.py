@@ -272,11 +272,13 @@ async def test_pending_tasks_are_bounded(tmp_path):
     """submit raises PoolFull at max_pending while apply waits for room; nothing is lost."""
     barrier = tmp_path / "go"
     async with WorkerPool(max_pending=4) as pool:
-        blockers = [pool.submit(tasks.wait_for_file, str(barrier)) for _ in range(6)]
-        await wait_until(lambda: pool.get_status()["queue_size"] == 0)
-        fillers = [pool.submit(tasks.square, i) for i in range(4)]
+        blockers = [pool.submit(tasks.wait_for_file, str(barrier)) for _ in range(3)]
+        await wait_until(lambda: all(w.in_flight for w in pool.workers))
+        fillers = []
         with pytest.raises(PoolFull):
-            pool.submit(tasks.square, 99)
+            for i in range(100):
+                fillers.append(pool.submit(tasks.square, i))
+        assert len(fillers) == 4 and pool.get_status()["queue_size"] == 4
         waiting = [asyncio.ensure_future(pool.apply(tasks.square, (i,))) for i in range(10)]
         await asyncio.sleep(0.1)
         assert pool.get_status()["queue_size"] <= 4

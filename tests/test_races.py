@@ -1,0 +1,139 @@
+"""Races between results, deaths, timers, the monitor, cancellation and recycling."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing.context
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import tasks
+from conftest import assert_gone, pids_of
+from test_pool import all_healthy, wait_until
+
+from procpool import PoolClosed, TaskTimeout, WorkerPool
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_cancelling_the_pending_task_makes_room_for_a_waiting_caller(tmp_path):
+    """A caller waiting for room (max_pending) proceeds when the pending task is cancelled."""
+    barrier = tmp_path / "go"
+    async with WorkerPool(max_pending=1) as pool:
+        blockers = []
+        while pool.get_status()["queue_size"] == 0:  # fill every worker's window, then one more
+            blockers.append(pool.submit(tasks.wait_for_file, str(barrier)))
+            await asyncio.sleep(0)  # let the dispatch run
+        queued = blockers.pop()
+        waiter = asyncio.ensure_future(pool.apply(tasks.square, (7,)))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        queued.cancel()
+        barrier.touch()
+        await asyncio.gather(*blockers)
+        assert await asyncio.wait_for(waiter, 15) == 49
+
+
+async def test_a_process_that_fails_to_start_once_is_retried_and_harms_nothing(monkeypatch):
+    """If starting a replacement process fails once, the slot is retried, work finishes and no bystander is hit."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        async with WorkerPool() as pool:
+            real_start = multiprocessing.context.ForkServerProcess.start
+            failures = []
+
+            def start_once_failing(self):
+                if not failures:
+                    failures.append(self)
+                    raise OSError(11, "Resource temporarily unavailable")
+                return real_start(self)
+
+            monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", start_once_failing)
+            victim = pool.workers[0].pid
+            os.kill(victim, signal.SIGKILL)
+            assert await asyncio.wait_for(asyncio.gather(*(pool.submit(tasks.square, i) for i in range(30))), 15) == [
+                i * i for i in range(30)
+            ]
+            await all_healthy(pool)
+            assert failures and victim not in pids_of(pool)
+        assert bystander.poll() is None  # an unrelated child of ours was not killed
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+async def test_a_requeued_task_keeps_its_timeout(tmp_path):
+    """A task moved off a dead worker before it started still times out on the worker that runs it."""
+    barrier = tmp_path / "go"
+    async with WorkerPool() as pool:
+        blockers = [pool.submit(tasks.wait_for_file, str(barrier)) for _ in range(2)]
+        await wait_until(lambda: pool.workers[0].in_flight and pool.workers[1].in_flight)
+        os.kill(pool.workers[2].pid, signal.SIGSTOP)  # found by the monitor, then killed
+        # The limit outlasts the dead worker, so only a clock restarted on the new worker fires.
+        slow = asyncio.ensure_future(pool.apply(tasks.slow_pid, (30,), timeout=3.0))
+        await wait_until(lambda: pool.get_status()["workers_restarted"] == 1)
+        barrier.touch()
+        with pytest.raises(TaskTimeout):
+            await asyncio.wait_for(slow, 15)
+        await asyncio.gather(*blockers)
+
+
+async def test_a_kill_for_one_task_does_not_blame_the_next_one():
+    """When a timed-out task finishes during the kill's grace period, the tasks behind it run elsewhere."""
+    async with WorkerPool(task_timeout=0.5) as pool:
+        await asyncio.gather(*(pool.submit(tasks.square, i) for i in range(3000)))  # deep prefetch
+        stubborn = pool.submit(tasks.ignore_sigterm_then_sleep, 0.6)
+        behind = [pool.submit(tasks.sleep_then, 0.3, i) for i in range(9)]
+        await asyncio.sleep(0)
+        assert len(pool.workers[0].in_flight) > 1  # some of them wait behind the stubborn task
+        with pytest.raises(TaskTimeout):
+            await stubborn
+        assert await asyncio.gather(*behind) == list(range(9))
+
+
+async def test_requeued_tasks_go_to_idle_workers_without_waiting_for_the_replacement(tmp_path):
+    """Tasks requeued from a dead worker run on the idle workers while its replacement is still starting."""
+    slow_start = tmp_path / "slow"
+    pool = WorkerPool(initializer=tasks.sleep_if_exists, initargs=(str(slow_start), 30))
+    await pool.initialize()
+    try:
+        slow_start.touch()  # from now on a new worker takes 30 s to start
+        os.kill(pool.workers[0].pid, signal.SIGSTOP)
+        task = pool.submit(tasks.pid)  # the fast path hands it to the stopped worker
+        assert pool.workers[0].in_flight
+        ran_on = await asyncio.wait_for(task, 15)
+        assert ran_on in (pool.workers[1].pid, pool.workers[2].pid)
+        assert pool.workers[0].state == "starting"
+    finally:
+        await pool.shutdown(timeout=1)
+
+
+async def test_a_retiring_worker_takes_no_new_work_even_when_judged_stuck():
+    """A worker recycling after max_tasks_per_worker never becomes idle again, stuck verdict or not."""
+    async with WorkerPool(max_tasks_per_worker=1, stuck_after=0.3, replace_stuck=False) as pool:
+        first = pool.submit(tasks.slow_pid, 1.5)
+        retiring = next(w for w in pool.workers if w.in_flight)
+        await wait_until(lambda: pool.get_status()["workers_stuck"] == 1)
+        await first
+        assert retiring.state != "idle"
+        pid = retiring.pid
+        results = await asyncio.gather(*(pool.submit(tasks.pid) for _ in range(6)))
+        assert pid not in results
+
+
+async def test_shutdown_during_a_respawn_backoff_finishes(tmp_path):
+    """shutdown() completes while a slot waits to retry a failed start."""
+    slow_start = tmp_path / "fail"
+    pool = WorkerPool(initializer=tasks.exit_if_exists, initargs=(str(slow_start),))
+    await pool.initialize()
+    pids = pids_of(pool)
+    slow_start.touch()  # replacements now fail to start
+    os.kill(pool.workers[0].pid, signal.SIGKILL)
+    await wait_until(lambda: pool.workers[0].restarts >= 1)
+    await asyncio.wait_for(pool.shutdown(timeout=1), 15)
+    assert_gone(pids)
+    with pytest.raises(PoolClosed):
+        await pool.apply(tasks.square, (1,))
