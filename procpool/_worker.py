@@ -501,21 +501,13 @@ class Worker:
 
     def resources(self) -> dict[str, Any]:
         """RSS in MB, CPU seconds and psutil status of the live process (None when unknown)."""
-        proc = self.probe()
-        if proc is None:
+        if self.probe() is None:
             return {"rss_mb": None, "cpu_seconds": None, "process_status": None}
-        try:
-            with proc.oneshot():
-                rss = proc.memory_info().rss
-                times = proc.cpu_times()
-                status = proc.status()
-        except psutil.Error:
+        sample = self.sample()
+        if sample is None:
             return {"rss_mb": None, "cpu_seconds": None, "process_status": "gone"}
-        return {
-            "rss_mb": round(rss / 2**20, 1),
-            "cpu_seconds": round(times.user + times.system, 3),
-            "process_status": status,
-        }
+        status, rss, cpu = sample
+        return {"rss_mb": round(rss / 2**20, 1), "cpu_seconds": round(cpu, 3), "process_status": status}
 
     def is_healthy(self) -> bool:
         """Alive, ready, not stuck, and fewer than three failures in a row."""
