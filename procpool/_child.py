@@ -108,10 +108,15 @@ def _run_coroutine(coro: Any) -> Any:
 
 
 def _error_payload(exc: BaseException) -> bytes:
-    tb = "".join(traceback.format_exception(exc))
+    # Whatever the task's exception does when formatted or pickled (its __str__ or __reduce__
+    # may raise, even SystemExit), the worker survives and the parent gets an answer.
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except BaseException as err:
+        tb = f"{type(exc).__qualname__} (its traceback could not be formatted: {type(err).__qualname__})"
     try:
         exc_bytes: bytes | None = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
-    except Exception:
+    except BaseException:
         exc_bytes = None
     return pickle.dumps((type(exc).__qualname__, tb, exc_bytes), pickle.HIGHEST_PROTOCOL)
 
@@ -137,7 +142,7 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
         try:
             try:
                 fn, args, kwargs = loads(memoryview(data)[header_size:])
-            except Exception as exc:
+            except BaseException as exc:
                 raise SerializationError(f"the task could not be unpickled in the worker: {exc!r}") from exc
             del data
             result = fn(*args, **kwargs)
@@ -145,7 +150,7 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
                 result = _run_coroutine(result)
             try:
                 reply = m.body(seq, m.OK, dumps(result, pickle.HIGHEST_PROTOCOL))
-            except Exception as exc:
+            except BaseException as exc:
                 raise SerializationError(
                     f"the task's result ({type(result).__qualname__}) could not be pickled: {exc!r}"
                 ) from exc

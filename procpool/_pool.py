@@ -62,6 +62,7 @@ from procpool.errors import (
     WorkerCrashed,
     WorkerStuck,
     describe_exit,
+    task_error,
 )
 
 __all__ = ("POOL_SIZE", "PoolState", "TaskReport", "WorkerPool")
@@ -690,7 +691,7 @@ class WorkerPool:
                 for value in values:
                     yield value
                 if error is not None:
-                    raise decode_error(error)
+                    raise task_error(decode_error(error))
         finally:
             reporter.close()
             for task, _ in window:
@@ -816,7 +817,10 @@ class WorkerPool:
             future.set_result(value)
         else:
             self.tasks_failed += 1
-            future.set_exception(value)
+            # A task's StopIteration or SystemExit must reach its caller as a failure, never as
+            # a TypeError from asyncio here (which would strand this future and the results read
+            # after it) nor as an exit of the caller.
+            future.set_exception(task_error(value))
 
     def _arm_timeout(self, worker: Worker, task: Task) -> None:
         assert task.timeout is not None

@@ -62,7 +62,9 @@ def decode_error(payload: bytes) -> BaseException:
     else:
         try:
             exc = pickle.loads(exc_bytes)
-        except Exception as err:
+            if not isinstance(exc, BaseException):
+                raise TypeError(f"it unpickled as {type(exc).__qualname__}")
+        except BaseException as err:  # unpickling runs the sender's code: SystemExit included
             exc = SerializationError(
                 f"the task raised {name}, which could not be unpickled in the parent ({err!r}); see the cause"
             )
@@ -408,38 +410,46 @@ class Worker:
         loads = pickle.loads
         in_flight = self.in_flight
         for data in bodies:
-            _, kind = unpack(data)  # results arrive in the order the tasks were written
-            if kind == m.OK:
-                task = in_flight.popleft()
-                err: BaseException
-                try:
-                    value = loads(memoryview(data)[size:])
-                except Exception as exc:
-                    err = SerializationError(f"the task's result could not be unpickled in the parent: {exc!r}")
-                    err.__cause__ = exc
+            task = None
+            try:
+                _, kind = unpack(data)  # results arrive in the order the tasks were written
+                if kind == m.OK:
+                    task = in_flight.popleft()
+                    err: BaseException
+                    try:
+                        value = loads(memoryview(data)[size:])
+                    except BaseException as exc:  # unpickling runs the sender's code: SystemExit included
+                        err = SerializationError(f"the task's result could not be unpickled in the parent: {exc!r}")
+                        err.__cause__ = exc
+                        self._finished(task, False, err)
+                    else:
+                        self._finished(task, True, value)
+                elif kind == m.ERROR:
+                    task = in_flight.popleft()
+                    try:
+                        err = decode_error(data[size:])
+                    except Exception as exc:  # pragma: no cover - the envelope is str and bytes
+                        err = SerializationError(f"the task's error could not be decoded: {exc!r}")
                     self._finished(task, False, err)
-                else:
-                    self._finished(task, True, value)
-            elif kind == m.ERROR:
-                task = in_flight.popleft()
-                try:
-                    err = decode_error(data[size:])
-                except Exception as exc:  # pragma: no cover - the envelope is str and bytes
-                    err = SerializationError(f"the task's error could not be decoded: {exc!r}")
-                self._finished(task, False, err)
-            elif kind == m.SKIPPED:
-                task = in_flight.popleft()
-                if self._killing and not task.future.done():
-                    self.skipped.append(task)  # skipped only because the worker is being replaced
-                else:
-                    self._finished(task, None, None)
-            elif kind == m.READY:
-                if self._exited:
-                    continue  # it died right after: a failed start, not a worker to use
-                self.state = "stopping" if self._killing or self.retiring else "idle"
-                pool._worker_ready(self)
-            elif kind == m.INIT_FAILED:
-                self.init_failure = data[size:].decode(errors="replace")
+                elif kind == m.SKIPPED:
+                    task = in_flight.popleft()
+                    if self._killing and not task.future.done():
+                        self.skipped.append(task)  # skipped only because the worker is being replaced
+                    else:
+                        self._finished(task, None, None)
+                elif kind == m.READY:
+                    if self._exited:
+                        continue  # it died right after: a failed start, not a worker to use
+                    self.state = "stopping" if self._killing or self.retiring else "idle"
+                    pool._worker_ready(self)
+                elif kind == m.INIT_FAILED:
+                    self.init_failure = data[size:].decode(errors="replace")
+            except Exception as exc:  # a fault here costs this one task, never the results behind it
+                log.exception("worker %s: handling a message failed", self.worker_id)
+                if task is not None and not task.future.done():
+                    failure = RuntimeError(f"procpool could not deliver the task's outcome: {exc!r}")
+                    failure.__cause__ = exc
+                    task.future.set_exception(failure)
 
     def _finished(self, task: Task, ok: bool | None, value: Any) -> None:
         now = time.monotonic()

@@ -7,6 +7,8 @@ Every failure path ends in one of these, or in the task's own exception type::
     │   ├── WorkerStuck          ... was judged stuck by the monitor and replaced
     │   └── MemoryLimitExceeded  ... grew past max_memory_mb and was replaced
     ├── TaskTimeout              (also TimeoutError) the task ran past its timeout; worker replaced
+    ├── TaskExited               the task raised SystemExit, KeyboardInterrupt, GeneratorExit or
+    │                            another BaseException that would end the caller; carried as a failure
     ├── SerializationError       (also pickle.PicklingError) an argument, result or exception
     │                            could not cross the process boundary
     ├── BrokenPool               (also concurrent.futures.BrokenExecutor) workers cannot start
@@ -16,8 +18,12 @@ Every failure path ends in one of these, or in the task's own exception type::
     └── NoPoolAvailable          a PoolManager has no pool that can take work
 
 A task's own exception is re-raised in the caller as its own type, with a
-:class:`RemoteTraceback` (the worker-side traceback text) as ``__cause__``.
-``asyncio.CancelledError`` is never wrapped.
+:class:`RemoteTraceback` (the worker-side traceback text) as ``__cause__``. Two kinds cannot be
+re-raised as they are without harming the caller, so they are carried the way PEP 479 does:
+``StopIteration`` and ``StopAsyncIteration`` (which asyncio futures and generators refuse) arrive
+as ``RuntimeError`` with the original as ``__cause__``; a ``BaseException`` that is not an
+``Exception`` (``SystemExit``, ``KeyboardInterrupt``, a task's own ``asyncio.CancelledError``)
+arrives as :class:`TaskExited`, so a task can never exit, interrupt or cancel its caller.
 
 All errors pickle: their fields are positional arguments kept in ``args``.
 """
@@ -38,10 +44,12 @@ __all__ = (
     "ProcPoolError",
     "RemoteTraceback",
     "SerializationError",
+    "TaskExited",
     "TaskTimeout",
     "WorkerCrashed",
     "WorkerStuck",
     "describe_exit",
+    "task_error",
 )
 
 
@@ -134,6 +142,45 @@ class TaskTimeout(ProcPoolError, TimeoutError):
         where = f" on worker pid {self.pid}" if self.pid is not None else ""
         text = f"task timed out after {self.timeout:g} s{where}; the worker was killed and replaced"
         return f"{text}: {self.detail}" if self.detail else text
+
+
+class TaskExited(ProcPoolError):
+    """The task raised a ``BaseException`` that is not an ``Exception``; the worker survived it.
+
+    ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` or an ``asyncio.CancelledError``
+    raised by the task itself would end, interrupt or cancel the caller if re-raised there, so
+    they arrive as this error instead; the original is its ``__cause__``.
+
+    Attributes:
+        exc_type: the original exception's type name, e.g. ``"SystemExit"``.
+        code: ``SystemExit.code`` for a ``SystemExit``, else None.
+    """
+
+    def __init__(self, exc_type: str, code: object = None) -> None:
+        super().__init__(exc_type, code)
+        self.exc_type = exc_type
+        self.code = code
+
+    def __str__(self) -> str:
+        if self.exc_type == "SystemExit":
+            return f"the task raised SystemExit({self.code!r}); it was treated as the task's failure"
+        return f"the task raised {self.exc_type}; it was treated as the task's failure"
+
+
+def task_error(exc: BaseException) -> BaseException:
+    """What the caller of a task that raised ``exc`` gets: ``exc`` itself, or a carrier for it.
+
+    ``StopIteration``/``StopAsyncIteration`` become ``RuntimeError`` (as PEP 479 does) and other
+    non-``Exception`` errors :class:`TaskExited`, each with the original as ``__cause__``.
+    """
+    if isinstance(exc, (StopIteration, StopAsyncIteration)):
+        carrier: BaseException = RuntimeError(f"the task raised {type(exc).__name__}")
+    elif not isinstance(exc, Exception):
+        carrier = TaskExited(type(exc).__qualname__, exc.code if isinstance(exc, SystemExit) else None)
+    else:
+        return exc
+    carrier.__cause__ = exc
+    return carrier
 
 
 class SerializationError(ProcPoolError, pickle.PicklingError):
