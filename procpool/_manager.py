@@ -5,7 +5,10 @@ Routing::
     route_task / route_apply / submit
         -> candidates: one frozen PoolSnapshot per RUNNING pool that is healthy or degraded
            (broken, starting, closing and closed pools are never offered; prompt tasks also
-           skip pools without a handler), in registration order
+           skip pools without a handler, and with ``handler=`` pools of other handlers), in
+           registration order. A prompt task without ``handler=`` is refused when the pools
+           run different handlers: a prompt means something only to the handler it was
+           written for (issue 9: routing rotated a prompt onto a shell-command pool)
         -> selector(candidates) -> pool_id        (sync: nothing can change in between)
         -> that pool's execute / apply / submit, in the same event-loop step, so the task
            already counts in the pool's ``load`` when the next routing decision is made
@@ -165,6 +168,12 @@ def _check_shutdown_timeout(timeout: Any) -> float:
 def _has_handler(pool: WorkerPool) -> bool:
     """Whether the pool can run prompt tasks (``execute``)."""
     return pool.handler is not None
+
+
+def _check_handler_arg(handler: Any) -> str | None:
+    if handler is not None and not isinstance(handler, str):
+        raise TypeError(f"handler must be a 'package.module:function' string or None, not {type(handler).__name__}")
+    return handler
 
 
 class PoolManager:
@@ -415,23 +424,45 @@ class PoolManager:
             workers_healthy=sum(w.is_healthy() for w in pool.workers),
         )
 
-    def choose_pool(self, selector: str | Selector = "least_loaded", *, needs_handler: bool = False) -> WorkerPool:
+    def choose_pool(
+        self, selector: str | Selector = "least_loaded", *, needs_handler: bool = False, handler: str | None = None
+    ) -> WorkerPool:
         """The pool ``selector`` picks now, as routing would, for callers that submit themselves.
 
         Args:
-            needs_handler: offer only pools that have a prompt handler (as :meth:`route_task`).
+            needs_handler: offer only pools that have a prompt handler, and refuse to choose
+                between pools of different handlers unless ``handler`` says which (as
+                :meth:`route_task`).
+            handler: offer only pools running this handler (``"package.module:function"``, as
+                :attr:`WorkerPool.handler` reports it); implies ``needs_handler``.
 
         Raises:
-            NoPoolAvailable: no routable pool, or the selector declined them all.
-            ValueError: unknown selector, or the selector returned a pool it was not offered.
+            NoPoolAvailable: no routable pool (of that handler), or the selector declined them all.
+            ValueError: unknown selector; the selector returned a pool it was not offered; or
+                ``needs_handler`` without ``handler`` while pools of several handlers exist.
+            TypeError: ``handler`` is not a string.
             PoolClosed: the manager is stopped.
         """
-        return self._choose(selector, needs_handler=needs_handler)
+        return self._choose(selector, needs_handler=needs_handler, handler=handler)
 
-    def _choose(self, selector: str | Selector, *, needs_handler: bool) -> WorkerPool:
+    def handlers(self) -> tuple[str, ...]:
+        """The distinct handlers of the registered pools, in registration order (no ``None``)."""
+        return tuple(dict.fromkeys(e.pool.handler for e in self._pools.values() if e.pool.handler is not None))
+
+    def _choose(self, selector: str | Selector, *, needs_handler: bool, handler: str | None = None) -> WorkerPool:
         """Run the selector over the routable pools and return the pool it picks."""
         self._check_open()
+        handler = _check_handler_arg(handler)
         name, choose = self._resolve_selector(selector)
+        if needs_handler and handler is None:
+            # Every registered pool counts, routable now or not, so whether a call without
+            # handler= is accepted does not depend on which pools happen to be healthy.
+            known = self.handlers()
+            if len(known) > 1:
+                raise ValueError(
+                    f"the pools run {len(known)} different handlers ({', '.join(known)}); pass handler= to "
+                    "say which one the prompt is for"
+                )
         candidates = []
         skipped = []
         for entry in self._pools.values():
@@ -439,8 +470,10 @@ class PoolManager:
             health = pool.health
             if pool.state is not PoolState.RUNNING or health not in _HEALTH_RANK:
                 skipped.append(f"{pool.pool_id} is {pool.state.value if health == 'not_running' else health}")
-            elif needs_handler and not _has_handler(pool):
+            elif (needs_handler or handler is not None) and not _has_handler(pool):
                 skipped.append(f"{pool.pool_id} has no prompt handler")
+            elif handler is not None and pool.handler != handler:
+                skipped.append(f"{pool.pool_id} runs {pool.handler}")
             else:
                 candidates.append(self._snapshot(entry, health))
         if not candidates:
@@ -473,18 +506,31 @@ class PoolManager:
         context: dict[str, Any] | None = None,
         selector: str | Selector = "least_loaded",
         timeout: float | None = None,
+        *,
+        handler: str | None = None,
     ) -> tuple[str, Any]:
         """Run ``prompt`` on the pool the selector picks among the pools that have a handler.
+
+        A prompt is meant for one handler, so when the manager's pools run different handlers,
+        ``handler`` must say which: routing never sends a prompt to a handler it was not meant for.
+
+        Args:
+            handler: route only to pools running this handler (``"package.module:function"``,
+                as :attr:`WorkerPool.handler` reports it). Required when the registered pools
+                run more than one handler.
 
         Returns:
             ``(pool_id, result)``.
 
         Raises:
-            NoPoolAvailable: no running pool with a handler (or the selector declined them all).
-            ValueError: unknown selector (the message lists the known ones).
+            NoPoolAvailable: no running pool with a handler (of ``handler``, when given), or the
+                selector declined them all.
+            ValueError: unknown selector (the message lists the known ones), or no ``handler``
+                while the registered pools run several handlers (the message lists them).
+            TypeError: ``handler`` is not a string.
             Exception: otherwise whatever :meth:`WorkerPool.execute` raises.
         """
-        pool = self._choose(selector, needs_handler=True)
+        pool = self._choose(selector, needs_handler=True, handler=handler)
         return pool.pool_id, await pool.execute(prompt, context, timeout)
 
     async def route_apply(

@@ -29,6 +29,7 @@ from procpool import (
 pytestmark = pytest.mark.anyio
 
 ECHO = "procpool.handlers:echo"
+COMMAND = "procpool.handlers:command"
 
 
 async def wait_for(predicate, timeout: float = 20.0) -> None:
@@ -230,6 +231,35 @@ async def test_unknown_pools_selectors_and_bad_options_raise_typed_errors(manage
         manager.submit(tasks.square, 1, selector=42)
     assert (await manager.route_apply(tasks.square, (6,))) == ("x", 36)
     assert manager.get_pool("x") is plain
+
+
+async def test_route_task_refuses_to_guess_between_handlers_and_routes_only_to_the_one_named(manager, tmp_path):
+    """With pools of two handlers, routing a prompt needs handler=, which then offers only that handler's pools."""
+    marker = tmp_path / "ran"
+    prompt = f"touch {marker}"  # what a shell-command pool would run
+    await manager.create_pool("e1", handler=ECHO)
+    await manager.create_pool("sh", handler=COMMAND)
+    await manager.create_pool("e2", handler=ECHO)
+    assert manager.handlers() == (ECHO, COMMAND)
+    for _ in range(3):
+        with pytest.raises(ValueError, match=f"2 different handlers \\({ECHO}, {COMMAND}\\); pass handler="):
+            await manager.route_task(prompt, selector="round_robin")
+    with pytest.raises(ValueError, match="pass handler="):
+        manager.choose_pool(needs_handler=True)
+    routed = [await manager.route_task(prompt, handler=ECHO, selector="round_robin") for _ in range(4)]
+    assert chosen(routed) == ["e1", "e2", "e1", "e2"]
+    assert all(reply["prompt"] == prompt for _, reply in routed)
+    assert not marker.exists()
+    assert manager.choose_pool(handler=COMMAND).pool_id == "sh"
+    with pytest.raises(NoPoolAvailable, match=r"e1 runs procpool\.handlers:echo"):
+        await manager.route_task("x", handler="tasks:no_such_handler")
+    with pytest.raises(TypeError, match="handler must be"):
+        await manager.route_task("x", handler=42)
+    # Callables are not prompts: route_apply still uses every pool.
+    applied = [await manager.route_apply(tasks.square, (3,), selector="round_robin") for _ in range(3)]
+    assert sorted(chosen(applied)) == ["e1", "e2", "sh"]
+    await manager.delete_pool("sh")
+    assert (await manager.route_task("one handler left"))[0] in ("e1", "e2")
 
 
 async def test_create_pool_that_cannot_start_is_not_registered(manager):
