@@ -351,7 +351,10 @@ class WorkerPool:
         # Resolved when the last worker has exited during shutdown.
         self._all_exited: asyncio.Future[None] | None = None
         self._closed_event: asyncio.Event | None = None
-        self._room: asyncio.Event | None = None
+        # Callers waiting for room in the pending queue, woken one per free place, oldest first;
+        # _room_granted counts the woken ones that have not submitted yet (their place is taken).
+        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._room_granted = 0
         self._broken_cause: str | None = None
         self._start_failures = 0
         # Smoothed task duration, for the prefetch window.
@@ -390,6 +393,8 @@ class WorkerPool:
             BrokenPool: the workers could not be started (the message says why).
             PoolClosed: the pool was shut down.
         """
+        if self._state is not PoolState.INITIAL and asyncio.get_running_loop() is not self._loop:
+            raise self._wrong_loop()
         if self._state is PoolState.RUNNING:
             return
         if self._state in (PoolState.CLOSING, PoolState.CLOSED):
@@ -404,8 +409,6 @@ class WorkerPool:
                 # without re-importing them, the main module (with everything it imports) included.
                 self._ctx.set_forkserver_preload(["__main__", "procpool._child"])
             self._started = self._loop.create_future()
-            self._room = asyncio.Event()
-            self._room.set()
             self._closed_event = asyncio.Event()
             self._state = PoolState.STARTING
             _live_pools.add(self)
@@ -433,22 +436,39 @@ class WorkerPool:
         Tasks that never started fail with :class:`PoolClosed`; tasks still running at the
         deadline are killed (SIGTERM, then SIGKILL) and fail with :class:`PoolClosed` too. No
         worker process is left behind. Calling it again is harmless.
+
+        A pool whose event loop has ended (it was started under an earlier ``asyncio.run()``)
+        can still be shut down from a new loop: its workers are killed at once.
+
+        Args:
+            timeout: seconds to let running tasks finish (``math.inf``: wait as long as they run).
+
+        Raises:
+            ValueError: ``timeout`` is negative or not a number.
+            RuntimeError: called outside the pool's event loop while that loop still runs.
         """
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
         if self._state is PoolState.INITIAL:
             self._state = PoolState.CLOSED
             return
+        if asyncio.get_running_loop() is not self._loop:
+            if self._state is PoolState.CLOSED:
+                return
+            if self._loop.is_closed():
+                await self._abandon()
+                return
+            raise self._wrong_loop()
         if self._state in (PoolState.CLOSING, PoolState.CLOSED):
             assert self._closed_event is not None
             await self._closed_event.wait()
             return
         self._state = PoolState.CLOSING
-        assert self._started is not None and self._closed_event is not None and self._room is not None
+        assert self._started is not None and self._closed_event is not None
         if not self._started.done():
             self._started.set_exception(PoolClosed(f"pool {self.pool_id!r} was shut down while starting"))
             self._started.exception()  # mark retrieved
-        self._room.set()  # wake waiters so they see the pool is closing
+        self._wake_all_room_waiters()  # they see the pool is closing
         never_ran = PoolClosed(f"pool {self.pool_id!r} shut down before the task ran")
         while self._pending:
             self._resolve(self._pending.popleft(), False, never_ran)
@@ -463,7 +483,7 @@ class WorkerPool:
                 worker.cancel_unstarted(task)
             worker.send_exit()
         try:
-            await asyncio.wait_for(asyncio.shield(self._all_exited), timeout)
+            await asyncio.wait_for(asyncio.shield(self._all_exited), None if math.isinf(timeout) else timeout)
         except TimeoutError:
             self._kill_all(f"the task was killed after {timeout:g} s")
             await asyncio.shield(self._all_exited)
@@ -471,6 +491,34 @@ class WorkerPool:
             # The caller stopped waiting: stop now rather than leave workers running unwatched.
             self._kill_all("the shutdown was cancelled, so running tasks were killed")
             raise
+
+    async def _abandon(self) -> None:
+        """Stop a pool whose event loop has closed: kill its workers and reap them in a thread.
+
+        Its futures belong to the dead loop, so nobody can be waiting on them any more.
+        """
+        self._state = PoolState.CLOSED
+        _live_pools.discard(self)
+        processes = []
+        for worker in self.workers:
+            if worker.process is not None and worker.pid is not None:
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(worker.pid, signal.SIGKILL)
+                        break
+                    except (ProcessLookupError, PermissionError):
+                        continue
+                processes.append(worker.process)
+        await asyncio.to_thread(lambda: [p.join(10) for p in processes])
+        for worker in self.workers:
+            for conn in worker._conns:
+                conn.close()
+            worker._conns = ()
+            worker.process = None
+            worker.state = "dead"
+        if self._stack_dir is not None:
+            shutil.rmtree(self._stack_dir, ignore_errors=True)
+        log.warning("pool %s was shut down after its event loop had closed; its workers were killed", self.pool_id)
 
     def _kill_all(self, why: str) -> None:
         reason = PoolClosed(f"pool {self.pool_id!r} shut down; {why}")
@@ -512,7 +560,14 @@ class WorkerPool:
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        return self._submit(_pickle_call(fn, args, kwargs), self.task_timeout).future
+        payload = _pickle_call(fn, args, kwargs)
+        self._check_open()
+        if self._room_waiters or len(self._pending) + self._room_granted >= self.max_pending:
+            raise PoolFull(
+                f"pool {self.pool_id!r} has {len(self._pending)} tasks waiting (max_pending); "
+                "await pool.apply() to wait for room instead"
+            )
+        return self._submit(payload, self.task_timeout).future
 
     async def apply(
         self,
@@ -717,6 +772,8 @@ class WorkerPool:
     def _check_open(self) -> None:
         state = self._state
         if state is PoolState.RUNNING or state is PoolState.STARTING:
+            if asyncio._get_running_loop() is not self._loop:
+                raise self._wrong_loop()
             return
         if state is PoolState.INITIAL:
             raise RuntimeError(f"pool {self.pool_id!r} is not started: await pool.initialize() or use 'async with'")
@@ -724,25 +781,50 @@ class WorkerPool:
             raise BrokenPool(self._broken_cause)
         raise PoolClosed(f"pool {self.pool_id!r} is shut down")
 
+    def _wrong_loop(self) -> RuntimeError:
+        """The error for a call made outside the pool's event loop (checked before anything is sent)."""
+        if asyncio._get_running_loop() is None:
+            where = "from a thread with no running event loop"
+        else:
+            where = "from another event loop (was the pool started under another asyncio.run()?)"
+        return RuntimeError(
+            f"pool {self.pool_id!r} was called {where}; its methods must be called from the thread running "
+            "the event loop it was started on (from other threads use asyncio.run_coroutine_threadsafe "
+            "with that loop, or procpool.Executor for synchronous code)"
+        )
+
     async def _wait_ready_for_work(self) -> None:
         """Start the pool if needed, then wait until the pending queue has room."""
         if self._state is PoolState.INITIAL:
             await self.initialize()
         self._check_open()
-        assert self._room is not None
-        while len(self._pending) >= self.max_pending:
-            self._room.clear()
-            await self._room.wait()
-            self._check_open()
+        if not self._room_waiters and len(self._pending) + self._room_granted < self.max_pending:
+            return
+        # Wait in line: one waiter is woken per place that frees up, so 10,000 waiters cost
+        # 10,000 wake-ups, not 10,000 per freed place.
+        waiter = self._loop.create_future()
+        self._room_waiters.append(waiter)
+        self._update_room()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._room_granted -= 1  # woken, then cancelled: pass the place on
+                self._update_room()
+            else:
+                self._room_waiters.remove(waiter)
+            raise
+        self._room_granted -= 1
+        if self._room_waiters:
+            # Our task may go straight to an idle worker and leave the queue's place free: after
+            # it is submitted (this step), let the next waiter see whether there is room.
+            self._loop.call_soon(self._update_room)
+        self._check_open()
 
     def _submit(self, payload: bytes, timeout: float | None) -> Task:
+        """Queue a task; the caller has checked for room (submit) or waited for it."""
         self._check_open()
         pending = self._pending
-        if len(pending) >= self.max_pending:
-            raise PoolFull(
-                f"pool {self.pool_id!r} has {len(pending)} tasks waiting (max_pending); "
-                "await pool.apply() to wait for room instead"
-            )
         loop = self._loop
         future = _TaskFuture(loop=loop)
         task = Task(next(self._task_ids), payload, future, timeout, time.monotonic())
@@ -794,9 +876,23 @@ class WorkerPool:
         self._update_room()
 
     def _update_room(self) -> None:
-        """Wake callers waiting for room once the pending queue is below max_pending."""
-        if self._room is not None and len(self._pending) < self.max_pending:
-            self._room.set()
+        """Wake as many callers waiting for room as the pending queue has free places, FIFO."""
+        waiters = self._room_waiters
+        free = self.max_pending - len(self._pending) - self._room_granted
+        while waiters and free > 0:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._room_granted += 1
+                free -= 1
+
+    def _wake_all_room_waiters(self) -> None:
+        """Wake every caller waiting for room (the pool is closing or broken: they will see it)."""
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._room_granted += 1
 
     def _schedule_dispatch(self) -> None:
         if self._pending and not self._dispatch_scheduled:
@@ -996,8 +1092,7 @@ class WorkerPool:
                 self._resolve(task, False, error)
             if worker.process is not None:
                 worker.kill(error, 0)
-        if self._room is not None:
-            self._room.set()
+        self._wake_all_room_waiters()
 
     def _recycle(self, worker: Worker, why: str) -> None:
         """Replace a worker gracefully: it runs what it holds, exits, and a fresh one follows."""
