@@ -16,7 +16,32 @@ import subprocess
 import time
 from typing import Any
 
-__all__ = ("command", "echo")
+from procpool.errors import describe_exit
+
+__all__ = ("CommandFailed", "command", "echo")
+
+# How much of a failed command's stdout and stderr its error message quotes (the tail, where the
+# reason usually is); the exception keeps all of both.
+FAILED_OUTPUT_CHARS = 1000
+
+
+class CommandFailed(subprocess.CalledProcessError):
+    """The program run by :func:`command` exited with a non-zero code or was killed by a signal.
+
+    A ``subprocess.CalledProcessError``, so ``returncode``, ``cmd``, ``stdout`` and ``stderr`` hold
+    the whole story; the message quotes the tail of stderr and stdout on one line.
+    """
+
+    def __str__(self) -> str:
+        def tail(text: str | None) -> str:
+            text = text or ""
+            return repr(text if len(text) <= FAILED_OUTPUT_CHARS else "..." + text[-FAILED_OUTPUT_CHARS:])
+
+        cmd = self.cmd if isinstance(self.cmd, str) else shlex.join(self.cmd)
+        return (
+            f"command {cmd} ended with {describe_exit(self.returncode)}; "
+            f"stderr: {tail(self.stderr)}; stdout: {tail(self.stdout)}"
+        )
 
 
 def echo(prompt: str, context: dict[str, Any]) -> dict[str, Any]:
@@ -34,8 +59,14 @@ def command(prompt: str, context: dict[str, Any]) -> dict[str, Any]:
         repo: the working directory (default: the worker's).
         env: extra environment variables.
         prompt_as_stdin: pass the prompt on stdin instead of as an argument.
+        check: when true (the default), a non-zero exit code fails the task with
+            :class:`CommandFailed`; when false, it is returned in ``exit_code`` like any other.
 
     The program runs in the worker's process group, so a task timeout kills it with the worker.
+
+    Raises:
+        CommandFailed: the program exited with a non-zero code or was killed (unless ``check``
+            is false), so a caller sees a failed task rather than a completed one.
     """
     argv = list(context.get("argv") or ["sh", "-c"])
     if not all(isinstance(a, str) for a in argv):
@@ -51,6 +82,8 @@ def command(prompt: str, context: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, **{str(k): str(v) for k, v in (context.get("env") or {}).items()})
     started = time.monotonic()
     proc = subprocess.run(argv, input=stdin_text, capture_output=True, text=True, cwd=cwd, env=env, check=False)
+    if proc.returncode and context.get("check", True):
+        raise CommandFailed(proc.returncode, argv, proc.stdout, proc.stderr)
     return {
         "command": shlex.join(argv),
         "exit_code": proc.returncode,
