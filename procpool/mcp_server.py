@@ -9,7 +9,11 @@ Safety model: an agent sends data, never code. Which functions a pool may run is
 starts the server (``--handler NAME=module:function``, or a built-in by name); ``create_pool``
 picks one of those by NAME. Every request is held to limits (pools, prompt bytes, batch size,
 timeout), and every task runs under a timeout, so no call waits forever. Failures come back as
-one-line tool errors; the server keeps running.
+one-line tool errors; the server keeps running, even when a task raises ``SystemExit`` or
+``KeyboardInterrupt`` (that is the task's failure, not the server's). ``route_to_pool`` sends a
+prompt only to pools of the handler it names (required once the pools run several handlers), and
+never to a pool of the shell ``command`` handler unless the operator allowed it
+(``--allow-route-to-command``): an agent that routes must not land in a shell by rotation.
 
 Layers, top to bottom:
     ServerConfig, parse_handler, parse_http   the flags, checked when the server starts
@@ -36,14 +40,17 @@ import pkgutil
 import re
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import attrs
 import click
 
+import procpool
 from procpool._manager import PoolManager
 from procpool._pool import PoolState, TaskReport, WorkerPool
+from procpool.errors import task_error
 
 try:
     # pydantic (which the SDK uses to build output schemas) accepts only typing_extensions'
@@ -76,6 +83,8 @@ BUILTIN_HANDLERS: Mapping[str, str] = {
     "echo": "procpool.handlers:echo",
     "command": "procpool.handlers:command",
 }
+# The handler that runs prompts as shell commands; route_to_pool avoids its pools by default.
+COMMAND_HANDLER = BUILTIN_HANDLERS["command"]
 # Default limits. Pools: each is three processes, so 16 pools is 48 workers, plenty for one
 # machine. A prompt of 1 MiB is far beyond any instruction text yet cheap to pickle to a worker;
 # a batch may still carry up to 1,000 of them on stdio (over HTTP the SDK caps a request at
@@ -188,6 +197,10 @@ class ServerConfig:
         max_timeout: longest task timeout in seconds; also every task's default.
         log_level: the root logger's level; None keeps the level already set (``procpool
             --log-level``), or WARNING when logging is not configured yet. Logs go to stderr.
+        allow_route_to_command: let ``route_to_pool`` choose pools of the shell ``command``
+            handler (``procpool.handlers:command``, under any name). Off by default: an agent
+            that routes a prompt could otherwise have it run as a shell command line.
+            ``execute_on_pool`` on such a pool, by its id, is allowed either way.
     """
 
     handlers: Mapping[str, str] = attrs.field(converter=lambda h: dict(h))
@@ -197,6 +210,7 @@ class ServerConfig:
     max_batch: int = DEFAULT_MAX_BATCH
     max_timeout: float = DEFAULT_MAX_TIMEOUT
     log_level: str | None = None
+    allow_route_to_command: bool = attrs.field(default=False, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if not self.handlers:
@@ -211,6 +225,8 @@ class ServerConfig:
         _positive("max_timeout", self.max_timeout, integer=False)
         if self.log_level is not None and self.log_level.upper() not in _LEVELS:
             raise ValueError(f"unknown log level {self.log_level!r}")
+        if not isinstance(self.allow_route_to_command, bool):
+            raise ValueError(f"allow_route_to_command must be True or False, got {self.allow_route_to_command!r}")
 
     def limits(self) -> "Limits":
         return {
@@ -252,9 +268,10 @@ class TaskResult(TypedDict):
 
 
 class RoutedResult(TaskResult):
-    """A routed prompt's result; ``pool_id`` is the pool the selector chose."""
+    """A routed prompt's result; ``pool_id`` is the pool the selector chose, ``handler`` its handler."""
 
     selector: str
+    handler: str
 
 
 class BatchItem(TypedDict):
@@ -336,13 +353,50 @@ class ManagerStatus(TypedDict):
 # -- routing --------------------------------------------------------------------------------------
 
 
-def _choose_pool(manager: PoolManager, selector: str) -> WorkerPool:
-    """The pool ``selector`` picks for a prompt task, as ``PoolManager.route_task`` would.
+def _choose_pool(manager: PoolManager, selector: str, handler: str) -> WorkerPool:
+    """The pool ``selector`` picks among the pools of ``handler``, as ``PoolManager.route_task`` would.
 
     route_task returns only the handler's value, and the tool must report the task's id, worker
     and duration, so the tool picks the pool here and runs ``execute_detailed`` on it itself.
     """
-    return manager.choose_pool(selector, needs_handler=True)
+    return manager.choose_pool(selector, handler=handler)
+
+
+def _callers_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is this task being cancelled, rather than a task's own CancelledError."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    current = asyncio.current_task()
+    return current is None or current.cancelling() > 0
+
+
+async def _execute(pool: WorkerPool, prompt: str, context: dict[str, Any] | None, timeout: float | None) -> TaskReport:
+    """``pool.execute_detailed``, with a task's SystemExit, KeyboardInterrupt or the like as its failure.
+
+    Such an exception, re-raised here and let out of this coroutine, would end the server's event
+    loop (issue 9: an MCP handler calling ``sys.exit(3)`` killed the server and every pool). The
+    core carries them as TaskExited now or soon; this keeps the server safe either way.
+    """
+    started = time.monotonic()
+    try:
+        return await pool.execute_detailed(prompt, context, timeout)
+    except Exception:
+        raise
+    except BaseException as exc:
+        if _callers_cancellation(exc):
+            raise
+        log.debug("task on pool %s raised %s", pool.pool_id, type(exc).__name__, exc_info=True)
+        # The pool did not say which task or worker it was: -1 and None say so.
+        return TaskReport(
+            task_id=-1,
+            pool_id=pool.pool_id,
+            worker_id=None,
+            pid=None,
+            status="failed",
+            result=None,
+            error=task_error(exc),
+            duration=time.monotonic() - started,
+        )
 
 
 def _json_ready(value: Any) -> Any:
@@ -393,9 +447,7 @@ class PoolTools:
                 return next(iter(allowed))
             raise RequestRefused(f"name a handler; allowed: {', '.join(sorted(allowed))}")
         if handler not in allowed:
-            raise RequestRefused(
-                f"handler {handler!r} is not allowed here; allowed: {', '.join(sorted(allowed))}"
-            )
+            raise RequestRefused(f"handler {handler!r} is not allowed here; allowed: {', '.join(sorted(allowed))}")
         return handler
 
     def _check_prompt(self, prompt: str, what: str = "prompt") -> None:
@@ -418,11 +470,47 @@ class PoolTools:
         if timeout is None:
             return None
         limit = self.config.max_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= limit:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout):
+            raise RequestRefused(
+                f"timeout must be a finite number of seconds, more than 0 and at most {limit:g} (--max-timeout), "
+                f"got {timeout!r}"
+            )
+        if not 0 < timeout <= limit:
             raise RequestRefused(
                 f"timeout must be more than 0 and at most {limit:g} seconds (--max-timeout), got {timeout!r}"
             )
         return float(timeout)
+
+    def _route_handler(self, handler: str | None) -> str:
+        """The handler path route_to_pool may send a prompt to: the one named, or the only one
+        among the server's pools (pools of the shell ``command`` handler count only if allowed)."""
+        allowed = self.config.handlers
+        shell_ok = self.config.allow_route_to_command
+        if handler is not None:
+            if handler not in allowed:
+                raise RequestRefused(f"handler {handler!r} is not allowed here; allowed: {', '.join(sorted(allowed))}")
+            if allowed[handler] == COMMAND_HANDLER and not shell_ok:
+                raise RequestRefused(
+                    f"route_to_pool does not send prompts to {handler!r} pools, which run them as shell commands; "
+                    "this server was started without --allow-route-to-command (execute_on_pool with the pool's id "
+                    "still works)"
+                )
+            return allowed[handler]
+        names = set(self._handler_names.values())
+        routable = {n for n in names if shell_ok or allowed[n] != COMMAND_HANDLER}
+        paths = {allowed[n] for n in routable}
+        if len(paths) > 1:
+            raise RequestRefused(
+                f"name a handler: the pools run several ({', '.join(sorted(routable))}), and a prompt is meant for one"
+            )
+        if not paths:
+            if names:
+                raise RequestRefused(
+                    "no pool route_to_pool may use: the only pools run shell commands (handler "
+                    f"{', '.join(sorted(names))}) and this server was started without --allow-route-to-command"
+                )
+            raise RequestRefused("there is no pool to route to; create one with create_pool")
+        return paths.pop()
 
     def _pool(self, pool_id: str) -> WorkerPool:
         return self.manager.get_pool(pool_id)
@@ -476,7 +564,7 @@ class PoolTools:
         self._check_context(context)
         timeout = self._check_timeout(timeout)
         pool = self._pool(pool_id)
-        return self._result(await pool.execute_detailed(prompt, context, timeout))
+        return self._result(await _execute(pool, prompt, context, timeout))
 
     async def execute_batch_on_pool(
         self, pool_id: str, prompts: list[str], context: dict[str, Any] | None = None, timeout: float | None = None
@@ -492,7 +580,7 @@ class PoolTools:
         self._check_context(context)
         timeout = self._check_timeout(timeout)
         pool = self._pool(pool_id)
-        reports = await asyncio.gather(*(pool.execute_detailed(p, context, timeout) for p in prompts))
+        reports = await asyncio.gather(*(_execute(pool, p, context, timeout) for p in prompts))
         items: list[BatchItem] = []
         for i, report in enumerate(reports):
             value, error = None, report.error
@@ -501,16 +589,18 @@ class PoolTools:
                     value = _json_ready(report.result)
                 except TypeError as exc:
                     error = exc
-            items.append({
-                "index": i,
-                "status": "failed" if error else "completed",
-                "task_id": report.task_id,
-                "worker_id": report.worker_id,
-                "worker_pid": report.pid,
-                "duration": report.duration,
-                "result": value,
-                "error": None if error is None else _one_line(error),
-            })
+            items.append(
+                {
+                    "index": i,
+                    "status": "failed" if error else "completed",
+                    "task_id": report.task_id,
+                    "worker_id": report.worker_id,
+                    "worker_pid": report.pid,
+                    "duration": report.duration,
+                    "result": value,
+                    "error": None if error is None else _one_line(error),
+                }
+            )
         failed = sum(item["error"] is not None for item in items)
         return {
             "pool_id": pool.pool_id,
@@ -526,26 +616,29 @@ class PoolTools:
         context: dict[str, Any] | None = None,
         selector: str = "least_loaded",
         timeout: float | None = None,
+        handler: str | None = None,
     ) -> RoutedResult:
         self._check_prompt(prompt)
         self._check_context(context)
         timeout = self._check_timeout(timeout)
-        pool = _choose_pool(self.manager, selector)
-        result = self._result(await pool.execute_detailed(prompt, context, timeout))
-        return {**result, "selector": selector}
+        pool = _choose_pool(self.manager, selector, self._route_handler(handler))
+        result = self._result(await _execute(pool, prompt, context, timeout))
+        return {**result, "selector": selector, "handler": self._handler_names.get(pool.pool_id, "")}
 
     async def list_pools(self) -> PoolList:
         pools: list[PoolSummary] = []
         for status in await self.manager.list_pools():
-            pools.append({
-                "pool_id": status["pool_id"],
-                "handler": self._handler_names.get(status["pool_id"], status.get("handler") or ""),
-                "state": status["state"],
-                "health": status["health"],
-                "load": status["queue_size"] + status["tasks_in_flight"],
-                "tasks_completed": status["tasks_completed"],
-                "tasks_failed": status["tasks_failed"],
-            })
+            pools.append(
+                {
+                    "pool_id": status["pool_id"],
+                    "handler": self._handler_names.get(status["pool_id"], status.get("handler") or ""),
+                    "state": status["state"],
+                    "health": status["health"],
+                    "load": status["queue_size"] + status["tasks_in_flight"],
+                    "tasks_completed": status["tasks_completed"],
+                    "tasks_failed": status["tasks_failed"],
+                }
+            )
         return {"count": len(pools), "max_pools": self.config.max_pools, "pools": pools}
 
     async def get_pool_status(self, pool_id: str) -> dict[str, Any]:
@@ -591,6 +684,12 @@ def _as_tool_errors() -> Iterator[None]:
     except Exception as exc:
         log.debug("tool call failed", exc_info=True)
         raise ToolError(_one_line(exc)) from exc
+    except BaseException as exc:
+        # A task's SystemExit or KeyboardInterrupt that got this far must not stop the server.
+        if _callers_cancellation(exc):
+            raise
+        log.debug("tool call failed", exc_info=True)
+        raise ToolError(_one_line(task_error(exc))) from exc
 
 
 class _Lifespan:
@@ -646,6 +745,7 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
 
     server: MCPServer[PoolTools] = MCPServer(
         "procpool",
+        version=procpool.__version__,
         instructions=(
             "Pools of three worker processes that run a prompt handler chosen by the server's operator. "
             "Create a pool with one of the allowed handlers (see get_pool_manager_status), then execute, "
@@ -701,6 +801,15 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
             json_schema_extra={"exclusiveMinimum": 0, "maximum": limits["max_timeout"]},
         ),
     ]
+    RouteHandler = Annotated[
+        str | None,
+        Field(
+            description="Name of the handler whose pools may take the prompt, one of the server's allowed handlers "
+            f"({', '.join(names)}); required when the pools run several handlers. Pools of the shell 'command' "
+            "handler are never chosen unless the server was started with --allow-route-to-command.",
+            json_schema_extra={"enum": [*names, None]},
+        ),
+    ]
     SelectorName = Annotated[
         str,
         Field(
@@ -741,13 +850,15 @@ def _build(config: ServerConfig, lifespan: _Lifespan) -> "MCPServer[PoolTools]":
     async def route_to_pool(
         ctx: Context,
         prompt: Prompt,
+        handler: RouteHandler = None,
         context: Ctx = None,
         selector: SelectorName = "least_loaded",
         timeout: Timeout = None,
     ) -> RoutedResult:
-        """Run a prompt on the pool a selector picks; return the result and which pool ran it."""
+        """Run a prompt on the pool a selector picks among the pools of one handler; return the result and which
+        pool ran it. Name the handler when the pools run several."""
         with _as_tool_errors():
-            return await tools(ctx).route_to_pool(prompt, context, selector, timeout)
+            return await tools(ctx).route_to_pool(prompt, context, selector, timeout, handler)
 
     @server.tool(annotations=read_only)
     async def list_pools(ctx: Context) -> PoolList:
@@ -851,6 +962,22 @@ def run(config: ServerConfig) -> None:
     asyncio.run(serve(config))
 
 
+def _parse_handler_flag(spec: str) -> tuple[str, str]:
+    """parse_handler for ``--handler``: like ``python -m`` and ``procpool run``, find modules in
+    the working directory (issue 9: ``procpool mcp`` could not import ``mypkg.agents:review``).
+    The workers inherit sys.path."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return parse_handler(spec)
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # click's FloatRange lets NaN through: every comparison with it is false.
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number of seconds", ctx, param)
+    return value
+
+
 def _click_value(parse: Any) -> Any:
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         try:
@@ -869,7 +996,7 @@ def _click_value(parse: Any) -> Any:
     "handlers",
     multiple=True,
     metavar="NAME=module:function",
-    callback=_click_value(parse_handler),
+    callback=_click_value(_parse_handler_flag),
     help="Allow a prompt handler under NAME (repeatable). A built-in by name alone: 'echo', or "
     "'command' (runs each prompt as a shell command: only for trusted clients).",
 )
@@ -879,16 +1006,47 @@ def _click_value(parse: Any) -> Any:
     callback=_click_value(parse_http),
     help="Serve streamable HTTP at http://HOST:PORT/mcp (loopback only) instead of stdio.",
 )
-@click.option("--max-pools", type=click.IntRange(min=1), default=DEFAULT_MAX_POOLS, show_default=True,
-              help="Most pools alive at once.")
-@click.option("--max-prompt-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_PROMPT_BYTES,
-              show_default=True, help="Largest prompt (and context, as JSON), in UTF-8 bytes.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
-              help="Most prompts in one execute_batch_on_pool call.")
-@click.option("--max-timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), default=DEFAULT_MAX_TIMEOUT,
-              show_default=True, help="Longest task timeout in seconds; also the default for every task.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-              default=None, help="Log level (logs go to stderr). Default: procpool's --log-level, or warning.")
+@click.option(
+    "--max-pools",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_POOLS,
+    show_default=True,
+    help="Most pools alive at once.",
+)
+@click.option(
+    "--max-prompt-bytes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PROMPT_BYTES,
+    show_default=True,
+    help="Largest prompt (and context, as JSON), in UTF-8 bytes.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_BATCH,
+    show_default=True,
+    help="Most prompts in one execute_batch_on_pool call.",
+)
+@click.option(
+    "--max-timeout",
+    type=click.FloatRange(min=0, min_open=True, max=1e9),
+    default=DEFAULT_MAX_TIMEOUT,
+    show_default=True,
+    callback=_finite,
+    help="Longest task timeout in seconds; also the default for every task.",
+)
+@click.option(
+    "--allow-route-to-command",
+    is_flag=True,
+    help="Let route_to_pool choose pools of the shell 'command' handler. Off by default: a routed "
+    "prompt would run as a shell command line.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default=None,
+    help="Log level (logs go to stderr). Default: procpool's --log-level, or warning.",
+)
 def mcp_command(
     handlers: tuple[tuple[str, str], ...],
     http: tuple[str, int] | None,
@@ -896,6 +1054,7 @@ def mcp_command(
     max_prompt_bytes: int,
     max_batch: int,
     max_timeout: float,
+    allow_route_to_command: bool,
     log_level: str | None,
 ) -> None:
     """Serve procpool's pool tools over MCP (stdio by default).
@@ -911,7 +1070,16 @@ def mcp_command(
         allowed[name] = path
     if not allowed:
         raise click.UsageError("allow at least one handler, e.g. --handler echo or --handler NAME=module:function")
-    config = ServerConfig(allowed, http, max_pools, max_prompt_bytes, max_batch, max_timeout, log_level)
+    config = ServerConfig(
+        allowed,
+        http,
+        max_pools,
+        max_prompt_bytes,
+        max_batch,
+        max_timeout,
+        log_level,
+        allow_route_to_command=allow_route_to_command,
+    )
     if http is not None:
         click.echo(f"procpool MCP server on http://{http[0]}:{http[1]}/mcp", err=True)
     try:

@@ -9,11 +9,13 @@ worker, to show that nothing but protocol reaches the real stdout).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -23,6 +25,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
+import procpool
 from procpool.mcp_server import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_POOLS,
@@ -35,6 +38,8 @@ from procpool.mcp_server import (
 pytestmark = pytest.mark.anyio
 
 SERVER = [sys.executable, "-m", "procpool", "mcp"]
+# The installed console script, which (unlike python -m) does not put the working directory on sys.path.
+SCRIPT = Path(sys.executable).with_name("procpool")
 HANDLERS = ["--handler", "echo", "--handler", "fmt=builtins:str.format", "--handler", "command"]
 # Small limits, so that breaking them is cheap.
 LIMITS = ["--max-batch", "8", "--max-prompt-bytes", "4096", "--max-timeout", "30"]
@@ -98,8 +103,6 @@ def wait_exited(pids: list[int], timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-
-
 def stopped_in_order(log: str, pools: int) -> bool:
     """The server logged (at info) that its lifespan shut all its pools down: the evidence that
     they were stopped in order, not just killed by their lifeline when the server died."""
@@ -144,7 +147,12 @@ async def test_every_tool_is_listed_with_a_description_and_typed_schemas(client)
     route = tools["route_to_pool"].input_schema["properties"]["selector"]
     assert route["default"] == "least_loaded" and "round_robin" in route["enum"]
     assert set(tools["execute_on_pool"].output_schema["required"]) >= {
-        "pool_id", "task_id", "worker_id", "worker_pid", "duration", "result"
+        "pool_id",
+        "task_id",
+        "worker_id",
+        "worker_pid",
+        "duration",
+        "result",
     }
     assert tools["list_pools"].annotations.read_only_hint is True
     assert tools["delete_pool"].annotations.destructive_hint is True
@@ -180,20 +188,59 @@ async def test_batch_returns_every_result_and_each_failure_in_input_order(client
 
 
 async def test_route_reports_the_pool_its_selector_chose(client):
-    """route_to_pool runs each prompt on the pool the selector picks and names that pool; round_robin rotates."""
-    pools = {p["pool_id"]: p["handler"] for p in (await call(client, "list_pools"))["pools"]}
-    chosen = []
-    for _ in range(2 * len(pools)):
-        out = await call(client, "route_to_pool", prompt="plain", selector="round_robin")
-        assert out["selector"] == "round_robin"
-        # The result shows which handler ran: echo returns a dict, str.format the string itself.
-        expected = {"echo": dict, "fmt": str}.get(pools[out["pool_id"]])
-        if expected is not None:
-            assert isinstance(out["result"], expected)
-        chosen.append(out["pool_id"])
-    assert sorted(chosen) == sorted(list(pools) * 2)
-    default = await call(client, "route_to_pool", prompt="any")
-    assert default["selector"] == "least_loaded" and default["pool_id"] in pools
+    """route_to_pool runs a prompt on the pool the selector picks among one handler's pools; round_robin rotates."""
+    await call(client, "create_pool", pool_id="a2", handler="echo")
+    try:
+        chosen = []
+        for _ in range(4):
+            out = await call(client, "route_to_pool", prompt="plain", handler="echo", selector="round_robin")
+            assert out["selector"] == "round_robin" and out["handler"] == "echo"
+            assert out["result"]["prompt"] == "plain"  # echo ran it, not str.format
+            chosen.append(out["pool_id"])
+        assert sorted(chosen) == ["a", "a", "a2", "a2"]
+        default = await call(client, "route_to_pool", prompt="{0[x]}", context={"x": 1}, handler="fmt")
+        assert default["selector"] == "least_loaded" and default["pool_id"] == "b" and default["result"] == "1"
+    finally:
+        await call(client, "delete_pool", pool_id="a2")
+
+
+async def test_route_needs_a_handler_when_the_pools_run_several(client, tmp_path):
+    """Without handler=, route_to_pool refuses to pick between pools of different handlers, whatever the selector."""
+    marker = tmp_path / "ran"
+    await call(client, "create_pool", pool_id="sh", handler="command")
+    try:
+        for selector in ["round_robin", "least_loaded", "random"] * 2:
+            text = await refused(client, "route_to_pool", prompt=f"touch {marker}", selector=selector)
+            assert "name a handler: the pools run several (echo, fmt)" in text
+        text = await refused(client, "route_to_pool", prompt=f"touch {marker}", handler="command")
+        assert "does not send prompts to 'command' pools" in text and "--allow-route-to-command" in text
+        assert "not allowed here" in await refused(client, "route_to_pool", prompt="x", handler="os.system")
+        assert not marker.exists()
+        out = await call(client, "execute_on_pool", pool_id="sh", prompt="echo by id")  # by its id it still runs
+        assert out["result"]["stdout"] == "by id\n"
+    finally:
+        await call(client, "delete_pool", pool_id="sh")
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_route_reaches_a_command_pool_only_when_the_operator_allows_it(tmp_path, allowed):
+    """A command pool is invisible to route_to_pool unless the server runs with --allow-route-to-command."""
+    marker = tmp_path / "ran"
+    flags = ["--handler", "echo", "--handler", "command"] + (["--allow-route-to-command"] if allowed else [])
+    async with Client(stdio(*flags)) as c:
+        await call(c, "create_pool", pool_id="sh", handler="command")
+        await call(c, "create_pool", pool_id="e", handler="echo")
+        if not allowed:
+            for _ in range(3):
+                out = await call(c, "route_to_pool", prompt=f"touch {marker}", selector="round_robin")
+                assert out["pool_id"] == "e" and out["handler"] == "echo"
+            assert "--allow-route-to-command" in await refused(c, "route_to_pool", prompt="x", handler="command")
+            assert not marker.exists()
+        else:
+            assert "name a handler" in await refused(c, "route_to_pool", prompt=f"touch {marker}")
+            out = await call(c, "route_to_pool", prompt=f"touch {marker}", handler="command")
+            assert out["pool_id"] == "sh" and out["result"]["exit_code"] == 0
+            assert marker.exists()
 
 
 async def test_status_health_and_list_reflect_the_work_done(client):
@@ -236,7 +283,11 @@ async def test_status_health_and_list_reflect_the_work_done(client):
         ("execute_batch_on_pool", {"pool_id": "a", "prompts": ["x"] * 9}, "the batch has 9 prompts; the limit is 8"),
         ("execute_batch_on_pool", {"pool_id": "a", "prompts": []}, "at least one prompt"),
         ("execute_batch_on_pool", {"pool_id": "a", "prompts": ["x", "y" * 4097]}, "prompts[1] is 4097 bytes"),
-        ("route_to_pool", {"prompt": "x", "selector": "first"}, "unknown selector 'first'; known selectors:"),
+        (
+            "route_to_pool",
+            {"prompt": "x", "handler": "echo", "selector": "first"},
+            "unknown selector 'first'; known selectors:",
+        ),
         ("execute_on_pool", {"pool_id": "b", "prompt": "{"}, "ValueError: Single '{' encountered"),
     ],
 )
@@ -245,6 +296,121 @@ async def test_bad_requests_are_one_line_tool_errors_and_the_server_keeps_servin
     text = await refused(client, tool, **args)
     assert message in text
     assert (await call(client, "execute_on_pool", pool_id="a", prompt="still here"))["result"]["prompt"] == "still here"
+
+
+async def test_a_command_that_exits_non_zero_fails_with_its_exit_code_and_output(client):
+    """A command task that exits 3 is a failed call naming the exit code and the command's stderr, not a result."""
+    await call(client, "create_pool", pool_id="cmd3", handler="command")
+    try:
+        text = await refused(client, "execute_on_pool", pool_id="cmd3", prompt="echo oops >&2; exit 3")
+        assert "CommandFailed: command sh -c " in text and "ended with exit code 3" in text and "oops" in text
+        batch = await call(client, "execute_batch_on_pool", pool_id="cmd3", prompts=["exit 3", "true"])
+        assert [i["status"] for i in batch["results"]] == ["failed", "completed"]
+        kept = await call(client, "execute_on_pool", pool_id="cmd3", prompt="exit 3", context={"check": False})
+        assert kept["result"]["exit_code"] == 3
+    finally:
+        await call(client, "delete_pool", pool_id="cmd3")
+
+
+def test_timeouts_that_are_not_finite_numbers_are_refused():
+    """A NaN or infinite timeout, sent as raw JSON, is a one-line tool error saying it must be finite."""
+    proc = subprocess.Popen([*SERVER, "--handler", "echo"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        _send(
+            proc,
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": LATEST_HANDSHAKE_VERSION,
+                    "capabilities": {},
+                    "clientInfo": {"name": "raw", "version": "0"},
+                },
+            },
+        )
+        assert _receive(proc)["result"]["serverInfo"] == {"name": "procpool", "version": procpool.__version__}
+        _send(proc, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        _send(
+            proc,
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "create_pool", "arguments": {"pool_id": "p"}},
+            },
+        )
+        assert _receive(proc)["result"]["isError"] is False
+        for n, timeout in enumerate([float("nan"), float("inf"), float("-inf")], start=3):
+            # json.dumps writes NaN and Infinity as bare literals, as a careless client would.
+            _send(
+                proc,
+                {
+                    "jsonrpc": "2.0",
+                    "id": n,
+                    "method": "tools/call",
+                    "params": {
+                        "name": "execute_on_pool",
+                        "arguments": {"pool_id": "p", "prompt": "x", "timeout": timeout},
+                    },
+                },
+            )
+            reply = _receive(proc)["result"]
+            assert reply["isError"] is True
+            assert "timeout must be a finite number of seconds" in reply["content"][0]["text"], reply
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(timeout=30)
+
+
+async def test_the_server_reports_the_package_version(client):
+    """serverInfo carries procpool's version, not an empty string."""
+    assert client.server_info.name == "procpool"
+    assert client.server_info.version == procpool.__version__
+
+
+EXITING = """
+import sys
+
+
+def leave(prompt, context):
+    if prompt == "interrupt":
+        raise KeyboardInterrupt
+    if prompt.startswith("exit "):
+        sys.exit(int(prompt.split()[1]))
+    return prompt
+"""
+
+
+async def test_a_task_calling_sys_exit_fails_and_the_server_keeps_serving(tmp_path):
+    """A handler calling sys.exit(3) or raising KeyboardInterrupt fails its call as TaskExited; the server serves on."""
+    (tmp_path / "leaving.py").write_text(EXITING)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    params = StdioServerParameters(command=SERVER[0], args=[*SERVER[1:], "--handler", "leave=leaving:leave"], env=env)
+    async with Client(params) as c:
+        await call(c, "create_pool", pool_id="p")
+        text = await refused(c, "execute_on_pool", pool_id="p", prompt="exit 3")
+        assert "TaskExited: the task raised SystemExit(3)" in text
+        assert (await call(c, "execute_on_pool", pool_id="p", prompt="next"))["result"] == "next"
+        text = await refused(c, "execute_on_pool", pool_id="p", prompt="interrupt")
+        assert "TaskExited: the task raised KeyboardInterrupt" in text
+        batch = await call(c, "execute_batch_on_pool", pool_id="p", prompts=["exit 3", "fine", "interrupt"])
+        assert [i["status"] for i in batch["results"]] == ["failed", "completed", "failed"]
+        assert batch["results"][0]["error"].startswith("TaskExited: ") and batch["results"][1]["result"] == "fine"
+        assert (await call(c, "route_to_pool", prompt="still here"))["result"] == "still here"
+        assert (await call(c, "check_pool_health", pool_id="p"))["status"] == "healthy"
+
+
+async def test_the_console_script_imports_handlers_from_the_working_directory(tmp_path):
+    """procpool mcp, started as the console script, finds a handler module in its working directory."""
+    (tmp_path / "localhandlers.py").write_text("def shout(prompt, context):\n    return prompt.upper()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    params = StdioServerParameters(
+        command=str(SCRIPT), args=["mcp", "--handler", "shout=localhandlers:shout"], env=env, cwd=str(tmp_path)
+    )
+    async with Client(params) as c:
+        await call(c, "create_pool", pool_id="local")
+        assert (await call(c, "execute_on_pool", pool_id="local", prompt="hi"))["result"] == "HI"
 
 
 async def test_a_task_past_its_timeout_is_killed_and_reported(client):
@@ -317,19 +483,46 @@ def test_stdout_carries_only_protocol_and_sigterm_stops_every_worker(tmp_path):
     stderr = (tmp_path / "stderr").open("w+")
     proc = subprocess.Popen(
         [*SERVER, "--handler", "say=builtins:print", "--log-level", "info"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
     )
     try:
-        _send(proc, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": LATEST_HANDSHAKE_VERSION, "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "0"}}})
+        _send(
+            proc,
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": LATEST_HANDSHAKE_VERSION,
+                    "capabilities": {},
+                    "clientInfo": {"name": "raw", "version": "0"},
+                },
+            },
+        )
         assert _receive(proc)["result"]["serverInfo"]["name"] == "procpool"
         _send(proc, {"jsonrpc": "2.0", "method": "notifications/initialized"})
-        _send(proc, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                     "params": {"name": "create_pool", "arguments": {"pool_id": "noisy"}}})
+        _send(
+            proc,
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "create_pool", "arguments": {"pool_id": "noisy"}},
+            },
+        )
         pids = [w["pid"] for w in _receive(proc)["result"]["structuredContent"]["workers"]]
-        _send(proc, {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-                     "params": {"name": "execute_on_pool", "arguments": {"pool_id": "noisy", "prompt": "NOISE"}}})
+        _send(
+            proc,
+            {
+                "jsonrpc": "2.0",
+                "id": 3,
+                "method": "tools/call",
+                "params": {"name": "execute_on_pool", "arguments": {"pool_id": "noisy", "prompt": "NOISE"}},
+            },
+        )
         reply = _receive(proc)
         assert reply["id"] == 3 and reply["result"]["isError"] is False
         family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
@@ -397,7 +590,10 @@ async def test_http_transport_serves_the_tools_on_loopback(tmp_path):
 def test_default_limits_are_those_of_the_issue():
     """Without flags: 16 pools, 1 MiB prompts, 1,000 prompts a batch, timeouts up to 3,600 s."""
     assert (DEFAULT_MAX_POOLS, DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_BATCH, DEFAULT_MAX_TIMEOUT) == (
-        16, 1024 * 1024, 1000, 3600.0
+        16,
+        1024 * 1024,
+        1000,
+        3600.0,
     )
     config = ServerConfig({"echo": "procpool.handlers:echo"})
     assert config.limits() == {"max_pools": 16, "max_prompt_bytes": 1 << 20, "max_batch": 1000, "max_timeout": 3600.0}
@@ -435,6 +631,7 @@ def test_server_config_checks_what_embedders_pass(kwargs, message):
         (["--handler", "echo", "--http", "127.0.0.1:70000"], "between 1 and 65535"),
         (["--handler", "echo", "--max-pools", "0"], "--max-pools"),
         (["--handler", "echo", "--max-timeout", "0"], "--max-timeout"),
+        (["--handler", "echo", "--max-timeout", "nan"], "nan is not a finite number of seconds"),
     ],
 )
 def test_bad_flags_exit_2_before_serving(flags, message):
