@@ -1,6 +1,6 @@
 """The errors procpool raises.
 
-Every failure path ends in one of these, or in the task's own exception type::
+Every failure path ends in one of these, or in the task's own exception type:
 
     ProcPoolError
     ├── WorkerCrashed            a worker process died while running the task (pid, exit code/signal)
@@ -18,12 +18,12 @@ Every failure path ends in one of these, or in the task's own exception type::
     └── NoPoolAvailable          a PoolManager has no pool that can take work
 
 A task's own exception is re-raised in the caller as its own type, with a
-:class:`RemoteTraceback` (the worker-side traceback text) as ``__cause__``. Two kinds cannot be
+[`RemoteTraceback`][] (the worker-side traceback text) as ``__cause__``. Two kinds cannot be
 re-raised as they are without harming the caller, so they are carried the way PEP 479 does:
 ``StopIteration`` and ``StopAsyncIteration`` (which asyncio futures and generators refuse) arrive
 as ``RuntimeError`` with the original as ``__cause__``; a ``BaseException`` that is not an
 ``Exception`` (``SystemExit``, ``KeyboardInterrupt``, a task's own ``asyncio.CancelledError``)
-arrives as :class:`TaskExited`, so a task can never exit, interrupt or cancel its caller.
+arrives as [`TaskExited`][], so a task can never exit, interrupt or cancel its caller.
 
 All errors pickle: their fields are positional arguments kept in ``args``.
 """
@@ -171,7 +171,7 @@ def task_error(exc: BaseException) -> BaseException:
     """What the caller of a task that raised ``exc`` gets: ``exc`` itself, or a carrier for it.
 
     ``StopIteration``/``StopAsyncIteration`` become ``RuntimeError`` (as PEP 479 does) and other
-    non-``Exception`` errors :class:`TaskExited`, each with the original as ``__cause__``.
+    non-``Exception`` errors [`TaskExited`][], each with the original as ``__cause__``.
     """
     if isinstance(exc, (StopIteration, StopAsyncIteration)):
         carrier: BaseException = RuntimeError(f"the task raised {type(exc).__name__}")
