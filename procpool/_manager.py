@@ -83,7 +83,7 @@ class Selector(Protocol):
     """Chooses a pool for one task.
 
     Called with the routable pools (never empty, in registration order) and returns the chosen
-    ``pool_id``, or None to decline them all (the caller then gets :class:`NoPoolAvailable`).
+    ``pool_id``, or None to decline them all (the caller then gets [`NoPoolAvailable`][]).
     It runs synchronously in the event loop between snapshot and submission, so it must be
     quick and must not block.
     """
@@ -177,12 +177,12 @@ def _check_handler_arg(handler: Any) -> str | None:
 
 
 class PoolManager:
-    """Several :class:`WorkerPool` s, created, routed to and shut down together.
+    """Several [`WorkerPool`][] s, created, routed to and shut down together.
 
-    Use it as ``async with PoolManager() as manager`` or call :meth:`start` and :meth:`stop`.
+    Use it as ``async with PoolManager() as manager`` or call [`start`][] and [`stop`][].
     Routing picks a pool per task with a selector: ``"least_loaded"`` (default),
-    ``"round_robin"``, ``"random"``, one added with :meth:`register_selector`, or any callable
-    following the :class:`Selector` protocol. Every selector is offered only running pools that
+    ``"round_robin"``, ``"random"``, one added with [`register_selector`][], or any callable
+    following the [`Selector`][] protocol. Every selector is offered only running pools that
     are healthy or degraded; the built-in ones prefer healthy pools.
 
     Must be used from one event loop, the one its pools run on.
@@ -210,7 +210,7 @@ class PoolManager:
 
     @property
     def running(self) -> bool:
-        """True between :meth:`start` and :meth:`stop`."""
+        """True between [`start`][] and [`stop`][]."""
         return self._state is _State.RUNNING
 
     async def start(self) -> None:
@@ -218,7 +218,7 @@ class PoolManager:
 
         Raises:
             PoolClosed: the manager was stopped; a stopped manager does not restart (create a
-                new one, as :func:`get_pool_manager` does).
+                new one, as [`get_pool_manager`][] does).
         """
         if self._state is _State.RUNNING:
             return
@@ -232,7 +232,7 @@ class PoolManager:
         """Shut every pool down concurrently and stop the manager; no worker process is left.
 
         Each pool gets ``timeout`` seconds to finish its running tasks (see
-        :meth:`WorkerPool.shutdown`). Pools being deleted are waited for too. Calling it again
+        [`WorkerPool.shutdown`][]). Pools being deleted are waited for too. Calling it again
         waits for the first call to finish.
         """
         timeout = _check_shutdown_timeout(timeout)
@@ -283,13 +283,13 @@ class PoolManager:
     # -- pools -----------------------------------------------------------------------------------
 
     async def create_pool(self, pool_id: str | None = None, **pool_options: Any) -> WorkerPool:
-        """Create a :class:`WorkerPool`, start its three workers and register it for routing.
+        """Create a [`WorkerPool`][], start its three workers and register it for routing.
 
         Starts the manager if it was not started yet.
 
         Args:
             pool_id: the pool's id; generated when omitted.
-            **pool_options: passed to :class:`WorkerPool` (``handler``, ``task_timeout``,
+            **pool_options: passed to [`WorkerPool`][] (``handler``, ``task_timeout``,
                 ``initializer`` ...).
 
         Returns:
@@ -297,7 +297,7 @@ class PoolManager:
 
         Raises:
             ValueError: a pool with this id exists (or is being created), or a bad pool option.
-            TypeError: a bad pool option (from :class:`WorkerPool`).
+            TypeError: a bad pool option (from [`WorkerPool`][]).
             BrokenPool: the workers could not start; nothing is registered or left running.
             PoolClosed: the manager is stopped (or stopped while the pool was starting).
         """
@@ -337,9 +337,9 @@ class PoolManager:
     async def delete_pool(self, pool_id: str, timeout: float = 5.0) -> None:
         """Take a pool out of routing at once, then shut it down; other pools keep serving.
 
-        Tasks still waiting in it fail with :class:`PoolClosed`; running ones get ``timeout``
-        seconds to finish (see :meth:`WorkerPool.shutdown`). Returns when its workers are gone.
-        If the caller is cancelled, the shutdown still completes (and :meth:`stop` waits for it).
+        Tasks still waiting in it fail with [`PoolClosed`][]; running ones get ``timeout``
+        seconds to finish (see [`WorkerPool.shutdown`][]). Returns when its workers are gone.
+        If the caller is cancelled, the shutdown still completes (and [`stop`][] waits for it).
 
         Raises:
             PoolNotFound: no such pool.
@@ -351,7 +351,7 @@ class PoolManager:
         await asyncio.shield(self._begin_shutdown(pool, timeout))
 
     async def list_pools(self) -> list[dict[str, Any]]:
-        """Status dicts (:meth:`WorkerPool.get_status`) of the registered pools, oldest first."""
+        """Status dicts ([`WorkerPool.get_status`][]) of the registered pools, oldest first."""
         return [entry.pool.get_status() for entry in self._pools.values()]
 
     async def get_health_status(self) -> dict[str, Any]:
@@ -361,7 +361,7 @@ class PoolManager:
             ``{"status", "pools_total", "pools_healthy", "pools_degraded", "pool_details"}``:
             ``status`` is ``healthy`` (every pool healthy), ``degraded`` (some pool can take
             work, not all are healthy) or ``unhealthy`` (no pool can take work);
-            ``pool_details`` holds each pool's :meth:`WorkerPool.health_check`.
+            ``pool_details`` holds each pool's [`WorkerPool.health_check`][].
         """
         details = list(await asyncio.gather(*(e.pool.health_check() for e in self._pools.values())))
         healthy = sum(d["status"] == "healthy" for d in details)
@@ -432,9 +432,9 @@ class PoolManager:
         Args:
             needs_handler: offer only pools that have a prompt handler, and refuse to choose
                 between pools of different handlers unless ``handler`` says which (as
-                :meth:`route_task`).
+                [`route_task`][]).
             handler: offer only pools running this handler (``"package.module:function"``, as
-                :attr:`WorkerPool.handler` reports it); implies ``needs_handler``.
+                [`WorkerPool.handler`][] reports it); implies ``needs_handler``.
 
         Raises:
             NoPoolAvailable: no routable pool (of that handler), or the selector declined them all.
@@ -496,7 +496,7 @@ class PoolManager:
 
         Raises:
             PoolNotFound: no such pool.
-            Exception: otherwise whatever :meth:`WorkerPool.execute` raises.
+            Exception: otherwise whatever [`WorkerPool.execute`][] raises.
         """
         return await self.get_pool(pool_id).execute(prompt, context, timeout)
 
@@ -516,7 +516,7 @@ class PoolManager:
 
         Args:
             handler: route only to pools running this handler (``"package.module:function"``,
-                as :attr:`WorkerPool.handler` reports it). Required when the registered pools
+                as [`WorkerPool.handler`][] reports it). Required when the registered pools
                 run more than one handler.
 
         Returns:
@@ -528,7 +528,7 @@ class PoolManager:
             ValueError: unknown selector (the message lists the known ones), or no ``handler``
                 while the registered pools run several handlers (the message lists them).
             TypeError: ``handler`` is not a string.
-            Exception: otherwise whatever :meth:`WorkerPool.execute` raises.
+            Exception: otherwise whatever [`WorkerPool.execute`][] raises.
         """
         pool = self._choose(selector, needs_handler=True, handler=handler)
         return pool.pool_id, await pool.execute(prompt, context, timeout)
@@ -549,7 +549,7 @@ class PoolManager:
         Raises:
             NoPoolAvailable: no running pool (or the selector declined them all).
             ValueError: unknown selector (the message lists the known ones).
-            Exception: otherwise whatever :meth:`WorkerPool.apply` raises.
+            Exception: otherwise whatever [`WorkerPool.apply`][] raises.
         """
         pool = self._choose(selector, needs_handler=False)
         return pool.pool_id, await pool.apply(fn, args, kwds, timeout)
@@ -560,16 +560,16 @@ class PoolManager:
         """Submit ``fn(*args, **kwargs)`` to the pool the selector picks, without waiting.
 
         The keyword ``selector`` belongs to the manager; to pass an argument of that name to
-        ``fn``, use :meth:`route_apply` with ``kwds``. Must be called from the event loop.
+        ``fn``, use [`route_apply`][] with ``kwds``. Must be called from the event loop.
 
         Returns:
             ``(pool_id, future)``: the future resolves to the result, as with
-            :meth:`WorkerPool.submit`.
+            [`WorkerPool.submit`][].
 
         Raises:
             NoPoolAvailable: no running pool (or the selector declined them all).
             ValueError: unknown selector (the message lists the known ones).
-            Exception: otherwise whatever :meth:`WorkerPool.submit` raises.
+            Exception: otherwise whatever [`WorkerPool.submit`][] raises.
         """
         pool = self._choose(selector, needs_handler=False)
         return pool.pool_id, pool.submit(fn, *args, **kwargs)
@@ -601,9 +601,9 @@ def _usable(manager: PoolManager | None, loop: asyncio.AbstractEventLoop) -> boo
 
 
 async def get_pool_manager() -> PoolManager:
-    """The process-wide :class:`PoolManager`, created and started on first use.
+    """The process-wide [`PoolManager`][], created and started on first use.
 
-    Concurrent first calls get the same manager. After its :meth:`~PoolManager.stop`, the next
+    Concurrent first calls get the same manager. After its [`stop`][PoolManager.stop], the next
     call creates a fresh, running one. A manager left running on an event loop that has since
     closed is replaced (its pools cannot be reached any more; a warning names them).
 
