@@ -1,7 +1,7 @@
 """Prompt handlers that ship with procpool.
 
 A handler is a module-level function ``handler(prompt, context) -> result`` (or ``async def``),
-named by its import path when a pool is created::
+named by its import path when a pool is created:
 
     WorkerPool(handler="procpool.handlers:command")
 
@@ -26,7 +26,7 @@ FAILED_OUTPUT_CHARS = 1000
 
 
 class CommandFailed(subprocess.CalledProcessError):
-    """The program run by :func:`command` exited with a non-zero code or was killed by a signal.
+    """The program run by [`command`][] exited with a non-zero code or was killed by a signal.
 
     A ``subprocess.CalledProcessError``, so ``returncode``, ``cmd``, ``stdout`` and ``stderr`` hold
     the whole story; the message quotes the tail of stderr and stdout on one line.
@@ -60,7 +60,7 @@ def command(prompt: str, context: dict[str, Any]) -> dict[str, Any]:
         env: extra environment variables.
         prompt_as_stdin: pass the prompt on stdin instead of as an argument.
         check: when true (the default), a non-zero exit code fails the task with
-            :class:`CommandFailed`; when false, it is returned in ``exit_code`` like any other.
+            [`CommandFailed`][]; when false, it is returned in ``exit_code`` like any other.
 
     The program runs in the worker's process group, so a task timeout kills it with the worker.
 
