@@ -1,6 +1,6 @@
 """Progress reporting for long runs (``map``, ``execute_batch``, the command line).
 
-:func:`make_progress` turns the ``progress=`` argument into a :class:`Reporter`:
+`make_progress` turns the ``progress=`` argument into a `Reporter`:
 
 * ``None`` or ``False``: a reporter that does nothing (one shared instance; it sits on hot paths).
 * ``True``: a rich progress bar on stderr, only when stderr is an interactive terminal, so logs,
@@ -132,7 +132,7 @@ def make_progress(progress: ProgressArg, total: int | None, description: str) ->
         description: the label shown next to the bar.
 
     Returns:
-        A :class:`Reporter`; ``advance(n)`` after each unit, ``close()`` (or ``with``) at the end.
+        A `Reporter`; ``advance(n)`` after each unit, ``close()`` (or ``with``) at the end.
 
     Raises:
         TypeError: ``progress`` is neither a bool, None nor callable; ``description`` is not a str.
