@@ -3,8 +3,8 @@
 Mahavishnu (an orchestrator) drives every pool type through one interface, its ``BasePool``:
 ``start``/``stop``/``scale``, ``execute_task``/``execute_batch`` on task dicts, ``health_check``,
 ``get_metrics``, ``collect_memory`` and ``status``, plus the attributes ``pool_id``, ``config``
-and ``_workers``. :class:`PoolContract` writes that interface down as a
-``typing.Protocol``; :class:`ProcPoolAdapter` implements it on top of a :class:`WorkerPool`.
+and ``_workers``. [`PoolContract`][] writes that interface down as a
+``typing.Protocol``; [`ProcPoolAdapter`][] implements it on top of a [`WorkerPool`][].
 
 Mahavishnu needs Python 3.13 and many dependencies, so procpool never imports it; the adapter is
 duck-typed against the contract, and Mahavishnu's own ``PoolConfig`` works as its ``config``.
@@ -86,7 +86,7 @@ class PoolConfigLike(Protocol):
 class PoolConfig:
     """A pool configuration with Mahavishnu's field names, for use without Mahavishnu.
 
-    ``extra_config`` may carry :class:`WorkerPool` options: ``handler`` (required unless passed
+    ``extra_config`` may carry [`WorkerPool`][] options: ``handler`` (required unless passed
     to the adapter), ``task_timeout``, ``initializer``, ``start_method`` ...
     """
 
@@ -193,7 +193,7 @@ def _as_text(value: Any) -> str:
 
 
 class ProcPoolAdapter:
-    """A procpool :class:`WorkerPool` (three worker processes) behind Mahavishnu's pool contract.
+    """A procpool [`WorkerPool`][] (three worker processes) behind Mahavishnu's pool contract.
 
     Tasks are dicts: ``{"prompt": str, "context": dict (optional), "timeout": seconds (optional),
     "task_id": str (optional, for execute_batch)}``; the pool's handler runs
@@ -202,14 +202,14 @@ class ProcPoolAdapter:
     raise TypeError/ValueError, and a pool that is not running raises.
 
     Args:
-        config: Mahavishnu's ``PoolConfig`` or :class:`PoolConfig`; default: a procpool config.
-            Its ``extra_config`` may hold :class:`WorkerPool` options (``handler`` ...).
+        config: Mahavishnu's ``PoolConfig`` or `PoolConfig`; default: a procpool config.
+            Its ``extra_config`` may hold [`WorkerPool`][] options (``handler`` ...).
             ``min_workers <= 3 <= max_workers`` must hold: a procpool pool has three workers.
         pool_id: the pool id; generated when omitted.
         terminal_manager: accepted and ignored, so that the class itself can be registered as a
             Mahavishnu pool factory (which passes it).
         session_buddy_client: accepted and ignored, for the same reason.
-        **pool_options: :class:`WorkerPool` options; they override ``extra_config``.
+        **pool_options: [`WorkerPool`][] options; they override ``extra_config``.
 
     Raises:
         ValueError: no handler, or a worker range that excludes 3.
@@ -252,7 +252,7 @@ class ProcPoolAdapter:
 
     @property
     def pool(self) -> WorkerPool:
-        """The underlying :class:`WorkerPool`."""
+        """The underlying [`WorkerPool`][]."""
         return self._pool
 
     @property
@@ -279,7 +279,7 @@ class ProcPoolAdapter:
         return self.pool_id
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Shut the pool down (see :meth:`WorkerPool.shutdown`); no worker process is left."""
+        """Shut the pool down (see [`WorkerPool.shutdown`][]); no worker process is left."""
         await self._pool.shutdown(timeout)
 
     async def scale(self, target_worker_count: int) -> None:
@@ -389,7 +389,7 @@ class ProcPoolAdapter:
         else its position in the list as a string.
 
         Returns:
-            ``{task_id: result}``, results as from :meth:`execute_task`, in input order.
+            ``{task_id: result}``, results as from [`execute_task`][], in input order.
 
         Raises:
             TypeError: ``tasks`` is not a list, or a task is malformed; nothing is run.
