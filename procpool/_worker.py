@@ -1,7 +1,7 @@
 """Parent-side handle of one worker slot: spawn its process, talk to it, probe it, kill it.
 
-A :class:`Worker` is one of a pool's three slots. It outlives the processes that fill it: when
-its process dies, the pool calls :meth:`Worker.spawn` again and the slot gets a new pid and fresh
+A [`Worker`][] is one of a pool's three slots. It outlives the processes that fill it: when
+its process dies, the pool calls `Worker.spawn` again and the slot gets a new pid and fresh
 pipes (a process killed mid-write can leave a pipe holding half a message, so pipes are never
 reused). All I/O is non-blocking on the event loop: the result pipe and the process sentinel are
 registered with ``loop.add_reader``, so results and deaths wake the loop; nothing polls.
