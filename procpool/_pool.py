@@ -136,7 +136,7 @@ class Task:
 
 @attrs.frozen
 class TaskReport:
-    """The outcome of one prompt task, from :meth:`WorkerPool.execute_detailed`."""
+    """The outcome of one prompt task, from [`WorkerPool.execute_detailed`][]."""
 
     task_id: int
     pool_id: str
@@ -279,16 +279,16 @@ class WorkerPool:
             refused: forking a parent that runs threads and an event loop is unsafe.
         max_pending: how many tasks may wait for a worker (backpressure).
         stuck_after: seconds a worker may hold one task with no CPU progress and no
-            :func:`procpool.heartbeat` before it is judged stuck (None: never).
+            [`procpool.heartbeat`][] before it is judged stuck (None: never).
         replace_stuck: kill and replace a stuck worker, failing its task with
-            :class:`WorkerStuck` (default); if False it is only reported unhealthy.
+            [`WorkerStuck`][] (default); if False it is only reported unhealthy.
         max_tasks_per_worker: replace a worker after it has run this many tasks.
         max_memory_mb: replace a worker whose RSS passes this: after a task, gracefully; while
-            a task runs, at once, failing the task with :class:`MemoryLimitExceeded`.
+            a task runs, at once, failing the task with [`MemoryLimitExceeded`][].
 
     Attributes:
         pool_id: the pool's name.
-        workers: the three :class:`Worker` slots (each keeps its identity across restarts).
+        workers: the three [`Worker`][] slots (each keeps its identity across restarts).
 
     All methods must be called from the thread running the pool's event loop.
     """
@@ -378,7 +378,7 @@ class WorkerPool:
 
     @property
     def state(self) -> PoolState:
-        """Where the pool is in its lifecycle (see :class:`PoolState`)."""
+        """Where the pool is in its lifecycle (see [`PoolState`][])."""
         return self._state
 
     @property
@@ -433,8 +433,8 @@ class WorkerPool:
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Refuse new work, let running tasks finish until ``timeout``, then stop the workers.
 
-        Tasks that never started fail with :class:`PoolClosed`; tasks still running at the
-        deadline are killed (SIGTERM, then SIGKILL) and fail with :class:`PoolClosed` too. No
+        Tasks that never started fail with [`PoolClosed`][]; tasks still running at the
+        deadline are killed (SIGTERM, then SIGKILL) and fail with [`PoolClosed`][] too. No
         worker process is left behind. Calling it again is harmless.
 
         A pool whose event loop has ended (it was started under an earlier ``asyncio.run()``)
@@ -580,7 +580,7 @@ class WorkerPool:
 
         Args:
             timeout: run-time limit in seconds (default: the pool's ``task_timeout``). When it
-                expires the worker is killed and replaced and :class:`TaskTimeout` is raised.
+                expires the worker is killed and replaced and [`TaskTimeout`][] is raised.
 
         Raises:
             Exception: the task's own exception, with the remote traceback as ``__cause__``.
@@ -608,7 +608,7 @@ class WorkerPool:
         Raises:
             RuntimeError: the pool has no handler.
             TypeError: ``prompt`` is not a string or ``context`` not a dict.
-            Exception: whatever :meth:`apply` raises, for the same reasons.
+            Exception: whatever [`apply`][] raises, for the same reasons.
         """
         payload, timeout = self._prompt_call(prompt, context, timeout)
         await self._wait_ready_for_work()
@@ -617,7 +617,7 @@ class WorkerPool:
     async def execute_detailed(
         self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None
     ) -> TaskReport:
-        """Like :meth:`execute`, but report the outcome instead of raising the task's error.
+        """Like [`execute`][], but report the outcome instead of raising the task's error.
 
         For callers that show results to someone else (the MCP server, orchestrator adapters):
         the report names the task, the worker that ran it and how long it took.
