@@ -37,6 +37,7 @@ def user_module(tmp_path: Path) -> dict[str, str]:
         textwrap.dedent(
             """
             import os
+            import sys
 
             def double(x):
                 return 2 * x
@@ -49,9 +50,17 @@ def user_module(tmp_path: Path) -> dict[str, str]:
 
             def whoami(_):
                 return os.getpid()
+
+            def leave(x):
+                if x == "interrupt":
+                    raise KeyboardInterrupt
+                if isinstance(x, int):
+                    sys.exit(x)
+                return x
             """
         )
     )
+    (tmp_path / "brokentasks.py").write_text("def f(:\n    return 1\n")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
     return env
@@ -107,6 +116,18 @@ def test_run_reports_each_failed_item_and_exits_non_zero(user_module):
     assert "item 1" in proc.stderr and "1 of 3 items failed" in proc.stderr
 
 
+def test_run_reports_a_task_calling_sys_exit_or_raising_keyboardinterrupt_as_that_item_failing(user_module):
+    """An item whose task calls sys.exit(3) or raises KeyboardInterrupt is a TaskExited error line; run exits 1."""
+    proc = procpool("run", "usertasks:leave", "3", "interrupt", "fine", env=user_module)
+    assert proc.returncode == 1, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    assert lines[0]["error"]["type"] == "TaskExited" and "SystemExit(3)" in lines[0]["error"]["message"]
+    assert lines[1]["error"]["type"] == "TaskExited" and "KeyboardInterrupt" in lines[1]["error"]["message"]
+    assert lines[2]["result"] == "fine"
+    assert "interrupted" not in proc.stderr and "2 of 3 items failed" in proc.stderr
+
+
 def test_run_reads_inputs_from_a_file_and_unpacks_with_star(user_module, tmp_path):
     """--input reads one input per line (blank lines skipped) and --star calls function(*item)."""
     inputs = tmp_path / "inputs.jsonl"
@@ -136,6 +157,9 @@ def test_run_leaves_no_worker_behind(user_module):
         (("run", "usertasks:missing", "1"), "has no attribute 'missing'"),
         (("run", "usertasks:double"), "no inputs"),
         (("run", "usertasks:double", "--timeout", "0", "1"), "--timeout"),
+        (("run", "usertasks:double", "--timeout", "nan", "1"), "nan is not a finite number of seconds"),
+        (("run", "usertasks:double", "--timeout", "inf", "1"), "inf is not a finite number of seconds"),
+        (("run", "brokentasks:f", "1"), "cannot import module 'brokentasks': syntax error in "),
         (("nosuchcommand",), "No such command"),
     ],
 )
