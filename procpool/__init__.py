@@ -26,6 +26,7 @@ from procpool.errors import (
     WorkerCrashed,
     WorkerStuck,
 )
+from procpool.executor import Executor
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ _logging.getLogger("procpool").addHandler(_logging.NullHandler())
 __all__ = (
     "POOL_SIZE",
     "BrokenPool",
+    "Executor",
     "MemoryLimitExceeded",
     "NoPoolAvailable",
     "PoolClosed",
