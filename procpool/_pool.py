@@ -40,6 +40,7 @@ import pickle
 import shutil
 import signal
 import statistics as stats_lib
+import sys
 import tempfile
 import time
 import weakref
@@ -84,6 +85,14 @@ KILL_GRACE = 0.2
 MAX_START_FAILURES = 3
 # Respawn delays after failed starts: 0.1 s, 0.2 s, 0.4 s ... (no retry storm).
 START_BACKOFF = 0.1
+# A worker not ready this long after its start (a hanging initializer or import) failed to start.
+DEFAULT_START_TIMEOUT = 60.0
+# A recycled worker that has not exited this long after its last task (a non-daemon thread, a
+# slow exit hook) is killed, so its slot is refilled.
+RETIRE_GRACE = 5.0
+# The shortest stuck_after: the monitor samples every stuck_after / 4 seconds, and sampling
+# faster would cost the parent more CPU than it could ever save.
+MIN_STUCK_AFTER = 0.1
 # map() without a chunksize sizes chunks to take about this long in a worker.
 TARGET_CHUNK_SECONDS = 0.01
 MAX_CHUNKSIZE = 8192
@@ -201,13 +210,13 @@ def _kill_leftover_workers() -> None:
                 worker.process.join(1.0)
 
 
-def _check_timeout(timeout: Any, name: str = "timeout") -> float | None:
+def _check_timeout(timeout: Any, name: str = "timeout", unit: str = "seconds") -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(timeout).__name__}")
+        raise TypeError(f"{name} must be a number of {unit} or None, not {type(timeout).__name__}")
     if not timeout > 0 or math.isinf(timeout):
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {timeout!r}")
+        raise ValueError(f"{name} must be a positive, finite number of {unit}, got {timeout!r}")
     return float(timeout)
 
 
@@ -285,6 +294,9 @@ class WorkerPool:
         max_tasks_per_worker: replace a worker after it has run this many tasks.
         max_memory_mb: replace a worker whose RSS passes this: after a task, gracefully; while
             a task runs, at once, failing the task with [`MemoryLimitExceeded`][].
+        start_timeout: seconds a new worker may take to become ready (import the handler, run
+            the initializer) before its start counts as failed (default 60; None: no limit).
+            Three failed starts in a row make the pool BROKEN.
 
     Attributes:
         pool_id: the pool's name.
@@ -307,6 +319,7 @@ class WorkerPool:
         replace_stuck: bool = True,
         max_tasks_per_worker: int | None = None,
         max_memory_mb: float | None = None,
+        start_timeout: float | None = DEFAULT_START_TIMEOUT,
     ) -> None:
         if pool_id is not None and (not isinstance(pool_id, str) or not pool_id):
             raise TypeError(f"pool_id must be a non-empty string or None, got {pool_id!r}")
@@ -327,9 +340,12 @@ class WorkerPool:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         self.stuck_after = _check_timeout(stuck_after, "stuck_after")
+        if self.stuck_after is not None and self.stuck_after < MIN_STUCK_AFTER:
+            raise ValueError(f"stuck_after must be at least {MIN_STUCK_AFTER} seconds (or None), got {stuck_after!r}")
+        self.start_timeout = _check_timeout(start_timeout, "start_timeout")
         self.replace_stuck = bool(replace_stuck)
         self.max_tasks_per_worker = max_tasks_per_worker
-        self.max_memory_mb = _check_timeout(max_memory_mb, "max_memory_mb")
+        self.max_memory_mb = _check_timeout(max_memory_mb, "max_memory_mb", "megabytes")
         self.pool_id = pool_id or f"pool-{os.getpid()}-{next(_pool_numbers)}"
         self._handler_path = _handler_path(handler)
         self.task_timeout = _check_timeout(task_timeout, "task_timeout")
@@ -418,7 +434,7 @@ class WorkerPool:
             self._monitor = self._loop.create_task(self._monitor_loop(), name=f"procpool-monitor-{self.pool_id}")
             try:
                 for worker in self.workers:
-                    worker.spawn()
+                    self._spawn(worker)
             except BaseException:
                 await self.shutdown(timeout=0)
                 raise
@@ -979,6 +995,8 @@ class WorkerPool:
                 rss_mb = worker.rss_mb()
                 if rss_mb is not None and rss_mb > self.max_memory_mb:
                     self._recycle(worker, f"its RSS is {rss_mb:.0f} MB, over max_memory_mb={self.max_memory_mb:g}")
+        if worker.retiring and not worker.in_flight:
+            self._arm_retire_deadline(worker)
         self._schedule_dispatch()
 
     def _worker_ready(self, worker: Worker) -> None:
@@ -1014,6 +1032,8 @@ class WorkerPool:
                 # The kill's reason belongs to the task the kill was decided for; any other
                 # running task died with the worker.
                 reason = worker.kill_reason if task.seq == worker.kill_seq else None
+                if isinstance(reason, WorkerCrashed) and reason.exitcode is None:
+                    reason = type(reason)(reason.pid, exitcode, reason.detail)  # now we know how it ended
                 if reason is None:
                     detail = f"task {task.id} on worker {worker.worker_id}"
                     if worker.kill_reason is not None:
@@ -1049,10 +1069,27 @@ class WorkerPool:
         self._respawn(worker)
         self._schedule_dispatch()  # requeued tasks may go to the other workers now
 
+    def _spawn(self, worker: Worker) -> None:
+        """Start a process in the slot, with a deadline for becoming ready."""
+        worker.spawn()
+        if self.start_timeout is not None:
+            self._loop.call_later(self.start_timeout, self._start_overdue, worker, worker.process)
+
+    def _start_overdue(self, worker: Worker, process: Any) -> None:
+        """A worker still not ready at start_timeout failed to start: kill it, the exit counts."""
+        if worker.process is not process or worker.state != "starting":
+            return
+        worker.init_failure = (
+            f"it was not ready within start_timeout={self.start_timeout:g} s "
+            "(a handler import or initializer that does not return?)"
+        )
+        log.warning("worker %s (pid %s): %s; killing it", worker.worker_id, worker.pid, worker.init_failure)
+        worker.kill_tree()
+
     def _respawn(self, worker: Worker) -> None:
         """Refill a slot; a process that cannot even be created counts as a failed start."""
         try:
-            worker.spawn()
+            self._spawn(worker)
         except Exception as exc:
             log.exception("could not start a process for worker %s", worker.worker_id)
             worker.init_failure = None
@@ -1062,7 +1099,12 @@ class WorkerPool:
         self._start_failures += 1
         cause = f"worker {worker.worker_id} (pid {pid}) failed to start: {why or describe_exit(exitcode)}"
         if worker.init_failure:
-            cause += f"; its initializer or handler raised:\n{worker.init_failure}"
+            cause += f"; {worker.init_failure}"
+        elif exitcode is not None and getattr(sys.modules.get("__main__"), "__file__", None):
+            cause += (
+                "; workers import the main module, so a script must start its pools only under "
+                "'if __name__ == \"__main__\":' (see the worker's traceback above in stderr)"
+            )
         log.error("%s (%d in a row)", cause, self._start_failures)
         if self._start_failures >= MAX_START_FAILURES:
             self._break(cause)
@@ -1101,6 +1143,23 @@ class WorkerPool:
         log.info("recycling worker %s (pid %s): %s", worker.worker_id, worker.pid, why)
         self.workers_recycled += 1
         worker.retire()
+        if not worker.in_flight:
+            self._arm_retire_deadline(worker)
+
+    def _arm_retire_deadline(self, worker: Worker) -> None:
+        self._loop.call_later(RETIRE_GRACE, self._retire_overdue, worker, worker.process)
+
+    def _retire_overdue(self, worker: Worker, process: Any) -> None:
+        """A recycled worker that ran its last task but has not exited is killed."""
+        if worker.process is not process or process is None or not worker.retiring:
+            return
+        log.warning(
+            "worker %s (pid %s) did not exit within %g s of its last task (a non-daemon thread?); killing it",
+            worker.worker_id,
+            worker.pid,
+            RETIRE_GRACE,
+        )
+        worker.kill(None, 0)
 
     # -- internals: the monitor ------------------------------------------------------------------
 
@@ -1151,6 +1210,8 @@ class WorkerPool:
                 KILL_GRACE,
             )
             return
+        # A task waiting on processes it started (a build, a compressor) progresses through them.
+        cpu += worker.descendants_cpu()
         now = time.monotonic()
         beat = worker.shared[_child.BEAT] / 1e9
         if worker.watch_seq != head.seq:

@@ -37,6 +37,7 @@ UNHEALTHY_AFTER_FAILURES = 3
 
 
 _lifeline: Any = None
+_lifeline_write_fd = -1
 
 
 def lifeline() -> Any:
@@ -44,13 +45,37 @@ def lifeline() -> Any:
 
     It reads EOF when this process dies, however it dies. multiprocessing's own parent sentinel
     cannot serve: under forkserver every child also holds the server's liveness pipe, so the
-    server and its children keep each other alive after the parent is gone.
+    server and its children keep each other alive after the parent is gone. The write end is
+    close-on-exec (os.pipe's default) and closed in any plain fork of this process (a fork-context
+    multiprocessing.Process, os.fork), so no helper of the parent keeps the workers alive.
     """
-    global _lifeline
+    global _lifeline, _lifeline_write_fd
     if _lifeline is None:
-        read_fd, _write_fd = os.pipe()  # the write end stays open, unused, until we exit
+        read_fd, _lifeline_write_fd = os.pipe()  # the write end stays open, unused, until we exit
+        os.set_inheritable(_lifeline_write_fd, False)
         _lifeline = multiprocessing.connection.Connection(read_fd, writable=False)
     return _lifeline
+
+
+def _drop_lifeline_in_child() -> None:
+    """After a plain fork: let go of the parent's lifeline; a pool made here makes its own."""
+    global _lifeline, _lifeline_write_fd
+    if _lifeline_write_fd >= 0:
+        try:
+            os.close(_lifeline_write_fd)
+        except OSError:
+            pass
+        _lifeline_write_fd = -1
+    if _lifeline is not None:
+        try:
+            _lifeline.close()
+        except OSError:
+            pass
+        _lifeline = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_lifeline_in_child)
 
 
 def decode_error(payload: bytes) -> BaseException:
@@ -127,6 +152,7 @@ class Worker:
     # The monitor judged the running task stuck (the state shows it unless the worker retires).
     stuck: bool = False
     task_cpu_start: float = 0.0
+    # Why the current process failed to start, as a clause for BrokenPool's message.
     init_failure: str | None = None
     spawned_at: float = 0.0
     stack_path: str | None = None
@@ -276,6 +302,29 @@ class Worker:
             self.pool._loop.call_later(grace, self._signal_all_if_alive, tree, self.process)
         else:
             self._signal_all(tree, signal.SIGKILL)
+
+    def kill_tree(self) -> None:
+        """SIGKILL the process and every process its tasks started, with no verdict on a task."""
+        self._signal_all(self._descendants(), signal.SIGKILL)
+
+    def descendants_cpu(self) -> float:
+        """CPU seconds of the processes the worker's tasks started: the live ones and the reaped."""
+        total = 0.0
+        proc = self.probe()
+        if proc is None:
+            return total
+        try:
+            times = proc.cpu_times()
+            total += times.children_user + times.children_system
+        except psutil.Error:
+            return total
+        for child in self._descendants():
+            try:
+                times = child.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system + times.children_user + times.children_system
+        return total
 
     def _descendants(self) -> list[psutil.Process]:
         if self.pid is None:
@@ -443,7 +492,8 @@ class Worker:
                     self.state = "stopping" if self._killing or self.retiring else "idle"
                     pool._worker_ready(self)
                 elif kind == m.INIT_FAILED:
-                    self.init_failure = data[size:].decode(errors="replace")
+                    traceback = data[size:].decode(errors="replace")
+                    self.init_failure = f"its initializer or handler raised:\n{traceback}"
             except Exception as exc:  # a fault here costs this one task, never the results behind it
                 log.exception("worker %s: handling a message failed", self.worker_id)
                 if task is not None and not task.future.done():

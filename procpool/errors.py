@@ -54,9 +54,9 @@ __all__ = (
 
 
 def describe_exit(exitcode: int | None) -> str:
-    """Say how a process ended: ``exit code 3``, ``signal SIGKILL`` or ``still running``."""
+    """Say how a process ended: ``exit code 3``, ``signal SIGKILL`` or ``exit status unknown``."""
     if exitcode is None:
-        return "still running"
+        return "exit status unknown"
     if exitcode < 0:
         try:
             return f"signal {signal.Signals(-exitcode).name}"
