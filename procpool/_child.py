@@ -14,6 +14,7 @@ import inspect
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -29,11 +30,16 @@ BEAT = 1  # time.monotonic_ns() of the task's start or its last heartbeat()
 CANCEL = 2  # CANCEL_RING slots: seq of a committed task cancelled before it started
 CANCEL_RING = 512
 STATE_SIZE = CANCEL + CANCEL_RING
+# prctl option: orphaned descendants are re-parented to this process instead of init (Linux).
+PR_SET_CHILD_SUBREAPER = 36
+# How often, at most, a subreaper worker reaps exited orphans between two tasks.
+REAP_EVERY_NS = 1_000_000_000
 
 # Set in a worker process only.
 _state: Any = None
 _handler: Callable[..., Any] | None = None
 _loop: Any = None
+_subreaper = False
 
 
 class _Queue(Protocol):
@@ -127,6 +133,8 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
     loads = pickle.loads
     header = m.HEADER
     header_size = header.size
+    reaping = _subreaper
+    next_reap = 0
     while True:
         data = call_queue.get()
         if data is None:
@@ -138,7 +146,7 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
             result_queue.put(m.body(seq, m.SKIPPED))
             continue
         state[CURRENT] = seq
-        state[BEAT] = time.monotonic_ns()
+        state[BEAT] = started = time.monotonic_ns()
         try:
             try:
                 fn, args, kwargs = loads(memoryview(data)[header_size:])
@@ -161,15 +169,103 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
         # Cleared only after the reply is out: a worker that dies before this point is judged to
         # have been running the task, so a task is never re-run after it may have had effects.
         state[CURRENT] = 0
+        if reaping and started >= next_reap:
+            next_reap = started + REAP_EVERY_NS
+            reap_orphans()
+
+
+def become_subreaper() -> bool:
+    """Adopt every orphaned descendant (Linux): a daemon a task double-forks, or a process left
+    behind when its parent exits, becomes this worker's child instead of init's, so the kill of a
+    worker (and the parent-death watch) still finds it among the worker's descendants."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        return False
+
+
+def reap_orphans() -> None:
+    """Reap the exited children that nothing in this process will wait for.
+
+    A subreaper inherits the orphans of its tasks, and their exit statuses are its to collect, or
+    they stay zombies as long as the worker lives. It runs between tasks only (no task code is
+    waiting then), and skips children that a live ``subprocess.Popen`` (asyncio's subprocesses
+    included) or ``multiprocessing.Process`` of this process may still wait for, so a child a task
+    keeps for a later task still reports its own exit code. A child started with a bare
+    ``os.fork()`` and waited for with ``os.waitpid`` in a later task is not protected.
+    """
+    try:
+        if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return  # nothing has exited: one syscall
+    except ChildProcessError:
+        return
+    import gc
+    import multiprocessing
+    import subprocess
+
+    # active_children() first joins its own exited children, keeping their exit codes.
+    keep = {p.pid for p in multiprocessing.active_children()}
+    keep.update(o.pid for o in gc.get_objects() if isinstance(o, subprocess.Popen) and o.returncode is None)
+    for pid in _child_pids():
+        if pid not in keep:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # reaps it if it has exited; a live one is left alone
+            except ChildProcessError:
+                pass
+
+
+def _child_pids() -> list[int]:
+    pids: list[int] = []
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in threads:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += map(int, f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process descended from this one, those that left its session included."""
+    import psutil
+
+    me = psutil.Process()
+    killed: set[int] = set()
+    for _ in range(50):  # one may fork while we kill; its children are found on the next round
+        try:
+            fresh = [p for p in me.children(recursive=True) if p.pid not in killed]
+        except psutil.Error:
+            return
+        if not fresh:
+            return
+        for proc in fresh:
+            killed.add(proc.pid)
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
 
 
 def _watch_parent(lifeline: Any) -> None:
-    """Kill this worker's process group (it and every process its tasks started) once the
-    parent dies, even by SIGKILL: the lifeline pipe reads EOF then."""
+    """Kill every process its tasks started, then this worker and its process group, once the
+    parent dies, even by SIGKILL: the lifeline pipe reads EOF then. Descendants are found by
+    parentage (this worker is their subreaper), so one that left the session dies too."""
     import multiprocessing.connection
 
     multiprocessing.connection.wait([lifeline])
-    os.killpg(0, signal.SIGKILL)
+    try:
+        kill_descendants()
+    finally:
+        os.killpg(0, signal.SIGKILL)
 
 
 def main(
@@ -183,10 +279,11 @@ def main(
     lifeline: Any,
 ) -> None:
     """Entry point of a worker process."""
-    global _state, _handler
+    global _state, _handler, _subreaper
     # Own process group: the parent can kill a task's whole process tree with one killpg, and
     # Ctrl-C in a terminal reaches the parent only, which then shuts the pool down in order.
     os.setsid()
+    _subreaper = become_subreaper()
     threading.Thread(target=_watch_parent, args=(lifeline,), name="procpool-parent-watch", daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if stack_path is not None:

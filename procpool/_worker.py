@@ -336,7 +336,8 @@ class Worker:
 
     def _signal_all_if_alive(self, tree: list[psutil.Process], process: Any) -> None:
         if process is self.process:  # the slot has not been refilled yet
-            self._signal_all(tree, signal.SIGKILL)
+            # Again from the top: a task may have started processes during the grace period.
+            self._signal_all(tree + self._descendants(), signal.SIGKILL)
         else:  # the worker is gone; finish off anything its task left behind
             for child in tree:
                 _signal(child, signal.SIGKILL)

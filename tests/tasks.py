@@ -259,3 +259,78 @@ def exit_if_exists(path: str) -> None:
     """An initializer that fails (exit code 4) once the test has created ``path``."""
     if os.path.exists(path):
         os._exit(4)
+
+
+# -- process-level robustness (issue 9, items 6, 9, 10) ----------------------------------------------
+
+_DAEMON = """
+import os, sys, time
+pidfile, seconds = sys.argv[1], float(sys.argv[2])
+if os.fork():
+    os._exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+with open(pidfile + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(pidfile + ".tmp", pidfile)
+time.sleep(seconds)
+"""
+
+
+def text_when_ready(path: str, timeout: float = 30.0) -> str:
+    """Block until ``path`` exists; return its text."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    return Path(path).read_text()
+
+
+def leave_daemon(pidfile: str, seconds: float, then_sleep: float = 0.0) -> int:
+    """Start a double-forked daemon in a new session (its parent exits at once), then sleep."""
+    subprocess.run([sys.executable, "-c", _DAEMON, pidfile, str(seconds)], check=True)
+    pid = int(text_when_ready(pidfile))
+    time.sleep(then_sleep)
+    return pid
+
+
+def spawn_new_session_and_wait(pidfile: str, seconds: float) -> None:
+    """Start a subprocess in a session of its own, record its pid, then block."""
+    proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"], start_new_session=True)
+    Path(pidfile).write_text(str(proc.pid))
+    time.sleep(seconds)
+
+
+_kept: list[subprocess.Popen[bytes]] = []
+
+
+def start_kept_child(code: int) -> int:
+    """Start a child that exits with ``code`` at once, and keep its Popen for a later task."""
+    proc = subprocess.Popen(["sh", "-c", f"exit {code}"])
+    _kept.append(proc)
+    return proc.pid
+
+
+def wait_kept_child() -> int:
+    """The exit code of the child start_kept_child started, as its Popen reports it."""
+    return _kept.pop().wait()
+
+
+def wait_for_file_then_exit(path: str, code: int) -> None:
+    """Block until ``path`` exists, then end the worker with exit code ``code``."""
+    text_when_ready(path, 120)
+    os._exit(code)
+
+
+def close_fd_linked_to(links: list[str], seconds: float, code: int) -> None:
+    """Close this process's end of any pipe whose /proc link is in ``links``, live on, then exit."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") in links:
+                os.close(int(fd))
+        except OSError:
+            pass
+    time.sleep(seconds)
+    os._exit(code)
