@@ -92,7 +92,11 @@ class Selector(Protocol):
 
 
 def prefer_healthy(candidates: Sequence[PoolSnapshot]) -> Sequence[PoolSnapshot]:
-    """The healthy candidates if there are any, else all of them (degraded pools)."""
+    """The healthy candidates if there are any, else all of them (degraded pools).
+
+    Args:
+        candidates: the snapshots a selector was offered.
+    """
     healthy = [c for c in candidates if c.health == "healthy"]
     return healthy or candidates
 
@@ -234,6 +238,10 @@ class PoolManager:
         Each pool gets ``timeout`` seconds to finish its running tasks (see
         [`WorkerPool.shutdown`][]). Pools being deleted are waited for too. Calling it again
         waits for the first call to finish.
+
+        Args:
+            timeout: seconds each pool's running tasks get to finish before their workers are killed
+                (default 5).
         """
         timeout = _check_shutdown_timeout(timeout)
         if self._state in (_State.INITIAL, _State.STOPPED):
@@ -323,6 +331,9 @@ class PoolManager:
     def get_pool(self, pool_id: str) -> WorkerPool:
         """The registered pool with this id.
 
+        Args:
+            pool_id: the id the pool was created with.
+
         Raises:
             PoolNotFound: no such pool (also a ``KeyError``).
         """
@@ -340,6 +351,11 @@ class PoolManager:
         Tasks still waiting in it fail with [`PoolClosed`][]; running ones get ``timeout``
         seconds to finish (see [`WorkerPool.shutdown`][]). Returns when its workers are gone.
         If the caller is cancelled, the shutdown still completes (and [`stop`][] waits for it).
+
+        Args:
+            pool_id: the id the pool was created with.
+            timeout: seconds its running tasks get to finish before its workers are killed (default
+                5).
 
         Raises:
             PoolNotFound: no such pool.
@@ -390,6 +406,11 @@ class PoolManager:
     def register_selector(self, name: str, selector: Selector) -> None:
         """Make ``selector`` usable by name, as in ``route_task(..., selector=name)``.
 
+        Args:
+            name: the name to pass as ``selector=``; it must not be taken (the built-in names are).
+            selector: a [`Selector`][]: called with the candidates (a sequence of
+                [`PoolSnapshot`][]), returns a pool id or None.
+
         Raises:
             ValueError: the name is taken or empty.
             TypeError: ``selector`` is not callable.
@@ -430,6 +451,8 @@ class PoolManager:
         """The pool ``selector`` picks now, as routing would, for callers that submit themselves.
 
         Args:
+            selector: a built-in selector's name (``"least_loaded"``, ``"round_robin"``,
+                ``"random"``), one added with [`register_selector`][], or a [`Selector`][] callable.
             needs_handler: offer only pools that have a prompt handler, and refuse to choose
                 between pools of different handlers unless ``handler`` says which (as
                 [`route_task`][]).
@@ -494,6 +517,12 @@ class PoolManager:
     ) -> Any:
         """Run ``prompt`` on the named pool's handler; return what the handler returns.
 
+        Args:
+            pool_id: the pool to run it on.
+            prompt: the string handed to the handler.
+            context: the dict handed to the handler with it (default: empty).
+            timeout: run-time limit in seconds (default: the pool's ``task_timeout``).
+
         Raises:
             PoolNotFound: no such pool.
             Exception: otherwise whatever [`WorkerPool.execute`][] raises.
@@ -515,6 +544,11 @@ class PoolManager:
         ``handler`` must say which: routing never sends a prompt to a handler it was not meant for.
 
         Args:
+            prompt: the string handed to the handler.
+            context: the dict handed to the handler with it (default: empty).
+            selector: a built-in selector's name (``"least_loaded"``, ``"round_robin"``,
+                ``"random"``), one added with [`register_selector`][], or a [`Selector`][] callable.
+            timeout: run-time limit in seconds (default: the chosen pool's ``task_timeout``).
             handler: route only to pools running this handler (``"package.module:function"``,
                 as [`WorkerPool.handler`][] reports it). Required when the registered pools
                 run more than one handler.
@@ -543,6 +577,14 @@ class PoolManager:
     ) -> tuple[str, Any]:
         """Run ``fn(*args, **kwds)`` on the pool the selector picks.
 
+        Args:
+            fn: a module-level function (plain or ``async def``), so workers can import it.
+            args: its positional arguments.
+            kwds: its keyword arguments.
+            selector: a built-in selector's name (``"least_loaded"``, ``"round_robin"``,
+                ``"random"``), one added with [`register_selector`][], or a [`Selector`][] callable.
+            timeout: run-time limit in seconds (default: the chosen pool's ``task_timeout``).
+
         Returns:
             ``(pool_id, result)``.
 
@@ -561,6 +603,13 @@ class PoolManager:
 
         The keyword ``selector`` belongs to the manager; to pass an argument of that name to
         ``fn``, use [`route_apply`][] with ``kwds``. Must be called from the event loop.
+
+        Args:
+            fn: a module-level function (plain or ``async def``), so workers can import it.
+            *args: its positional arguments.
+            selector: a built-in selector's name (``"least_loaded"``, ``"round_robin"``,
+                ``"random"``), one added with [`register_selector`][], or a [`Selector`][] callable.
+            **kwargs: its keyword arguments.
 
         Returns:
             ``(pool_id, future)``: the future resolves to the result, as with
