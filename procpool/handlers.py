@@ -45,12 +45,21 @@ class CommandFailed(subprocess.CalledProcessError):
 
 
 def echo(prompt: str, context: dict[str, Any]) -> dict[str, Any]:
-    """Diagnostic handler: return the prompt and context with the worker's pid."""
+    """Diagnostic handler: return the prompt and context with the worker's pid.
+
+    Args:
+        prompt: any string.
+        context: any dict.
+    """
     return {"prompt": prompt, "context": context, "pid": os.getpid()}
 
 
 def command(prompt: str, context: dict[str, Any]) -> dict[str, Any]:
     """Run an external program with the prompt and return its exit code, stdout and stderr.
+
+    Args:
+        prompt: the command line (run by ``sh -c``), the last argument of ``argv``, or stdin.
+        context: optional keys ``argv``, ``repo``, ``env``, ``prompt_as_stdin`` and ``check``.
 
     ``context`` keys:
         argv: the program and its arguments as a list (default: ``["sh", "-c"]``, so the
