@@ -135,13 +135,26 @@ class PoolContract(Protocol):
         """Start the workers; return the pool id."""
 
     async def execute_task(self, task: dict[str, Any]) -> dict[str, Any]:
-        """Run ``task["prompt"]``; return ``pool_id, worker_id, status, output, error, duration``."""
+        """Run ``task["prompt"]``; return ``pool_id, worker_id, status, output, error, duration``.
+
+        Args:
+            task: a dict: ``prompt`` (str, required), ``context`` (dict, optional), ``timeout``
+                (seconds, optional).
+        """
 
     async def execute_batch(self, tasks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Run tasks concurrently; return ``{task_id: execute_task-style result}``."""
+        """Run tasks concurrently; return ``{task_id: execute_task-style result}``.
+
+        Args:
+            tasks: a list of task dicts as for ``execute_task``.
+        """
 
     async def scale(self, target_worker_count: int) -> None:
-        """Resize the pool, or raise ValueError/NotImplementedError."""
+        """Resize the pool, or raise ValueError/NotImplementedError.
+
+        Args:
+            target_worker_count: the number of workers wanted.
+        """
 
     async def health_check(self) -> dict[str, Any]:
         """Return ``pool_id, pool_type, status`` (healthy/degraded/unhealthy), ``workers_active``."""
@@ -279,11 +292,18 @@ class ProcPoolAdapter:
         return self.pool_id
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Shut the pool down (see [`WorkerPool.shutdown`][]); no worker process is left."""
+        """Shut the pool down (see [`WorkerPool.shutdown`][]); no worker process is left.
+
+        Args:
+            timeout: seconds running tasks get to finish before the workers are killed (default 5).
+        """
         await self._pool.shutdown(timeout)
 
     async def scale(self, target_worker_count: int) -> None:
         """Accept only the pool's fixed size.
+
+        Args:
+            target_worker_count: must be 3.
 
         Raises:
             ValueError: any target but 3; for more capacity, start another pool.
@@ -367,6 +387,10 @@ class ProcPoolAdapter:
     async def execute_task(self, task: dict[str, Any]) -> dict[str, Any]:
         """Run one task on whichever worker is free.
 
+        Args:
+            task: a dict: ``prompt`` (str, required), ``context`` (dict, optional), ``timeout``
+                (seconds, optional).
+
         Returns:
             ``{"pool_id", "worker_id", "status", "output", "error", "duration"}``; ``status`` is
             ``"completed"``, ``"failed"`` or ``"timeout"``, ``duration`` the seconds it ran.
@@ -387,6 +411,10 @@ class ProcPoolAdapter:
 
         Every task is checked before any runs. A task's id is its ``task_id`` (or ``id``) key,
         else its position in the list as a string.
+
+        Args:
+            tasks: task dicts as for [`execute_task`][]; a ``task_id`` (or ``id``) key names its
+                result.
 
         Returns:
             ``{task_id: result}``, results as from [`execute_task`][], in input order.
