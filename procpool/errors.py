@@ -54,7 +54,12 @@ __all__ = (
 
 
 def describe_exit(exitcode: int | None) -> str:
-    """Say how a process ended: ``exit code 3``, ``signal SIGKILL`` or ``exit status unknown``."""
+    """Say how a process ended: ``exit code 3``, ``signal SIGKILL`` or ``exit status unknown``.
+
+    Args:
+        exitcode: a process's exit code as ``multiprocessing`` reports it: negative for a signal,
+            None when unknown.
+    """
     if exitcode is None:
         return "exit status unknown"
     if exitcode < 0:
@@ -77,7 +82,11 @@ class ProcPoolError(Exception):
 
 
 class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker, attached as ``__cause__``."""
+    """The traceback of an exception raised in a worker, attached as ``__cause__``.
+
+    Args:
+        tb: the worker-side traceback, as text.
+    """
 
     def __init__(self, tb: str) -> None:
         super().__init__(tb)
@@ -89,6 +98,11 @@ class RemoteTraceback(Exception):
 
 class WorkerCrashed(ProcPoolError):
     """The worker process running the task died; the pool replaced it.
+
+    Args:
+        pid: the dead worker's process id (None if it never had one).
+        exitcode: its exit code, negative for a signal, None when unknown.
+        detail: what else is known: the task, the likely cause.
 
     Attributes:
         pid: the dead worker's process id.
@@ -127,6 +141,11 @@ class MemoryLimitExceeded(WorkerCrashed):
 class TaskTimeout(ProcPoolError, TimeoutError):
     """The task ran longer than its timeout; its worker (and its process tree) was killed.
 
+    Args:
+        timeout: the limit in seconds.
+        pid: the worker that ran it, or None if it never started.
+        detail: what else is known.
+
     Attributes:
         timeout: the limit in seconds.
         pid: the worker that ran it, or None if it never started.
@@ -151,6 +170,10 @@ class TaskExited(ProcPoolError):
     raised by the task itself would end, interrupt or cancel the caller if re-raised there, so
     they arrive as this error instead; the original is its ``__cause__``.
 
+    Args:
+        exc_type: the original exception's type name, e.g. ``"SystemExit"``.
+        code: ``SystemExit.code`` for a ``SystemExit``, else None.
+
     Attributes:
         exc_type: the original exception's type name, e.g. ``"SystemExit"``.
         code: ``SystemExit.code`` for a ``SystemExit``, else None.
@@ -172,6 +195,9 @@ def task_error(exc: BaseException) -> BaseException:
 
     ``StopIteration``/``StopAsyncIteration`` become ``RuntimeError`` (as PEP 479 does) and other
     non-``Exception`` errors [`TaskExited`][], each with the original as ``__cause__``.
+
+    Args:
+        exc: the exception the task raised, as unpickled in the parent.
     """
     if isinstance(exc, (StopIteration, StopAsyncIteration)):
         carrier: BaseException = RuntimeError(f"the task raised {type(exc).__name__}")
