@@ -284,11 +284,12 @@ class WorkerPool:
             taking ``(prompt, context)``; checked now, imported by each worker.
         task_timeout: default run-time limit in seconds for every task (None: no limit).
         initializer: called with ``initargs`` in each worker before it takes work.
+        initargs: the initializer's positional arguments (default: none).
         start_method: ``"forkserver"`` (default where available) or ``"spawn"``. ``"fork"`` is
             refused: forking a parent that runs threads and an event loop is unsafe.
-        max_pending: how many tasks may wait for a worker (backpressure).
+        max_pending: how many tasks may wait for a worker (backpressure; default 100,000).
         stuck_after: seconds a worker may hold one task with no CPU progress and no
-            [`procpool.heartbeat`][] before it is judged stuck (None: never).
+            [`procpool.heartbeat`][] before it is judged stuck (default 300; None: never).
         replace_stuck: kill and replace a stuck worker, failing its task with
             [`WorkerStuck`][] (default); if False it is only reported unhealthy.
         max_tasks_per_worker: replace a worker after it has run this many tasks.
@@ -568,6 +569,11 @@ class WorkerPool:
         ``fn`` may be an ``async def`` function: the worker runs it on its own event loop.
         Must be called from the pool's event loop thread.
 
+        Args:
+            fn: a module-level function (plain or ``async def``), so workers can import it.
+            *args: its positional arguments.
+            **kwargs: its keyword arguments.
+
         Raises:
             TypeError: ``fn`` is not callable.
             SerializationError: ``fn`` or an argument cannot be pickled (nothing is queued).
@@ -595,6 +601,9 @@ class WorkerPool:
         """Run ``fn(*args, **kwds)`` in a worker and return its result.
 
         Args:
+            fn: a module-level function (plain or ``async def``), so workers can import it.
+            args: its positional arguments.
+            kwds: its keyword arguments.
             timeout: run-time limit in seconds (default: the pool's ``task_timeout``). When it
                 expires the worker is killed and replaced and [`TaskTimeout`][] is raised.
 
@@ -621,6 +630,12 @@ class WorkerPool:
     async def execute(self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         """Run the pool's handler on ``(prompt, context)`` in a worker; return what it returns.
 
+        Args:
+            prompt: the string handed to the pool's handler.
+            context: the dict handed to the handler with it (default: empty).
+            timeout: run-time limit in seconds (default: the pool's ``task_timeout``); past it the
+                worker is killed and replaced.
+
         Raises:
             RuntimeError: the pool has no handler.
             TypeError: ``prompt`` is not a string or ``context`` not a dict.
@@ -637,6 +652,12 @@ class WorkerPool:
 
         For callers that show results to someone else (the MCP server, orchestrator adapters):
         the report names the task, the worker that ran it and how long it took.
+
+        Args:
+            prompt: the string handed to the pool's handler.
+            context: the dict handed to the handler with it (default: empty).
+            timeout: run-time limit in seconds (default: the pool's ``task_timeout``); past it the
+                worker is killed and replaced.
 
         Raises:
             TypeError: an argument has the wrong type (ValueError: a bad value).
@@ -681,6 +702,10 @@ class WorkerPool:
         A prompt that fails leaves its exception in its place in the list; the others still run.
 
         Args:
+            prompts: the prompts, each handed to the handler with ``context``.
+            context: the dict handed to the handler with every prompt (default: empty).
+            timeout: run-time limit of each prompt in seconds (default: the pool's
+                ``task_timeout``).
             progress: ``True`` for a progress bar on an interactive stderr (needs rich), or a
                 callable ``callback(done, total)`` called as prompts finish.
 
@@ -727,6 +752,9 @@ class WorkerPool:
         10 ms in a worker. The first item that raises ends the iteration with its exception.
 
         Args:
+            fn: a module-level function of one argument (plain or ``async def``).
+            iterable: the items; read lazily, so a generator or a very long input works.
+            chunksize: items per chunk sent to a worker (default: sized to about 10 ms of work).
             timeout: run-time limit of each chunk.
             progress: ``True`` for a progress bar on an interactive stderr (needs rich), or a
                 callable ``callback(done, total)``; ``total`` is None for inputs without a length.
