@@ -424,13 +424,13 @@ class Executor(concurrent.futures.Executor):
 
     A drop-in for ``ProcessPoolExecutor`` in synchronous code (and in ``loop.run_in_executor``).
     Workers come in pools of exactly three: ``max_workers`` is rounded up to a multiple of 3, and
-    the executor runs ``max_workers / 3`` pools behind a :class:`PoolManager` that hands each task
+    the executor runs ``max_workers / 3`` pools behind a [`PoolManager`][] that hands each task
     to the least-loaded pool. The pools run on a private event loop in one background thread;
     every method may be called from any thread, an event loop's thread included, and only
     ``shutdown(wait=True)`` and ``Future.result()`` block.
 
-    A worker that dies fails only the task it was running (:class:`WorkerCrashed`) and is
-    replaced; the executor is never broken by one death. It is broken (:class:`BrokenPool`, a
+    A worker that dies fails only the task it was running ([`WorkerCrashed`][]) and is
+    replaced; the executor is never broken by one death. It is broken ([`BrokenPool`][], a
     ``BrokenExecutor``) only when its workers cannot start at all: a failing initializer, a
     crash loop.
 
@@ -440,13 +440,13 @@ class Executor(concurrent.futures.Executor):
         initializer: called with ``initargs`` in each worker before it takes work. If it raises,
             the workers cannot start and the executor is broken.
         task_timeout: run-time limit in seconds for every task; a task past it fails with
-            :class:`TaskTimeout` and its worker is replaced. Per call: :meth:`with_options`.
+            [`TaskTimeout`][] and its worker is replaced. Per call: [`with_options`][].
         max_tasks_per_worker: replace a worker after it has run this many tasks.
         mp_context: accepted for ``ProcessPoolExecutor`` compatibility: a multiprocessing
             context whose start method (``"forkserver"`` or ``"spawn"``) the workers use.
             ``"fork"`` is refused (ValueError): forking a process that runs threads is unsafe.
         max_tasks_per_child: ``ProcessPoolExecutor``'s name for ``max_tasks_per_worker``.
-        **pool_options: passed to every :class:`WorkerPool` (``start_method``, ``max_memory_mb``,
+        **pool_options: passed to every [`WorkerPool`][] (``start_method``, ``max_memory_mb``,
             ``stuck_after``, ``replace_stuck``, ``max_pending``, ``handler`` ...).
 
     Raises:
@@ -504,7 +504,7 @@ class Executor(concurrent.futures.Executor):
         """Schedule ``fn(*args, **kwargs)`` in a worker; return a future of its result.
 
         Never blocks. ``fn`` and the arguments are pickled when the task is handed to a pool,
-        so a value that cannot be pickled fails the future with :class:`SerializationError`
+        so a value that cannot be pickled fails the future with [`SerializationError`][]
         (a ``pickle.PicklingError``). ``fn`` may be an ``async def`` function.
 
         Raises:
@@ -560,7 +560,7 @@ class Executor(concurrent.futures.Executor):
         """A view of this executor whose ``submit`` and ``map`` use other per-task options.
 
         ``executor.with_options(task_timeout=5).submit(fn, x)`` runs ``fn(x)`` with a 5 s
-        run-time limit: past it the task fails with :class:`TaskTimeout` and its worker is
+        run-time limit: past it the task fails with [`TaskTimeout`][] and its worker is
         replaced. In ``map`` the limit applies to each chunk. The view shares the executor's
         workers and lifetime; it has no ``shutdown``.
 
@@ -643,14 +643,14 @@ class Executor(concurrent.futures.Executor):
 
 
 class BoundExecutor:
-    """:meth:`Executor.with_options`'s view: ``submit`` and ``map`` with per-task options."""
+    """[`Executor.with_options`][]'s view: ``submit`` and ``map`` with per-task options."""
 
     def __init__(self, executor: Executor, task_timeout: float | None) -> None:
         self.executor = executor
         self.task_timeout = task_timeout
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
-        """:meth:`Executor.submit` with this view's options."""
+        """[`Executor.submit`][] with this view's options."""
         return self.executor._put(fn, args, kwargs, self.task_timeout)
 
     def map(
@@ -661,7 +661,7 @@ class BoundExecutor:
         chunksize: int = 1,
         buffersize: int | None = None,
     ) -> Iterator[T]:
-        """:meth:`Executor.map` with this view's options (a task timeout limits each chunk)."""
+        """[`Executor.map`][] with this view's options (a task timeout limits each chunk)."""
         return self.executor._map(fn, iterables, timeout, chunksize, buffersize, self.task_timeout)
 
     def __repr__(self) -> str:
