@@ -439,6 +439,7 @@ class Executor(concurrent.futures.Executor):
             three per three CPUs, at least one pool.
         initializer: called with ``initargs`` in each worker before it takes work. If it raises,
             the workers cannot start and the executor is broken.
+        initargs: the initializer's positional arguments.
         task_timeout: run-time limit in seconds for every task; a task past it fails with
             [`TaskTimeout`][] and its worker is replaced. Per call: [`with_options`][].
         max_tasks_per_worker: replace a worker after it has run this many tasks.
@@ -507,6 +508,11 @@ class Executor(concurrent.futures.Executor):
         so a value that cannot be pickled fails the future with [`SerializationError`][]
         (a ``pickle.PicklingError``). ``fn`` may be an ``async def`` function.
 
+        Args:
+            fn: a module-level function (plain or ``async def``), so workers can import it.
+            *args: its positional arguments.
+            **kwargs: its keyword arguments.
+
         Raises:
             TypeError: ``fn`` is not callable.
             PoolClosed: the executor is shut down (a ``RuntimeError``, as the stdlib raises).
@@ -527,6 +533,9 @@ class Executor(concurrent.futures.Executor):
         """Like the built-in ``map(fn, *iterables)``, run in the workers; results in order.
 
         Args:
+            fn: a module-level function (plain or ``async def``), so workers can import it. It takes
+                one argument from each iterable.
+            *iterables: the inputs, zipped as the built-in ``map`` does.
             timeout: seconds from this call until the last result; past it, ``__next__`` raises
                 ``TimeoutError``. None: no limit.
             chunksize: items sent to a worker as one task. Tiny tasks need large chunks (as for
@@ -563,6 +572,10 @@ class Executor(concurrent.futures.Executor):
         run-time limit: past it the task fails with [`TaskTimeout`][] and its worker is
         replaced. In ``map`` the limit applies to each chunk. The view shares the executor's
         workers and lifetime; it has no ``shutdown``.
+
+        Args:
+            task_timeout: run-time limit in seconds of each task (of each chunk in ``map``); None:
+                the executor's.
 
         Raises:
             ValueError: ``task_timeout`` is not a positive, finite number of seconds.
