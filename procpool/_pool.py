@@ -1212,7 +1212,9 @@ class WorkerPool:
             return
         status, rss, cpu = sample
         pid = worker.pid
-        if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED, psutil.STATUS_DEAD, psutil.STATUS_TRACING_STOP):
+        if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return  # it has exited: its sentinel reports the death, with the real exit status
+        if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
             log.warning("worker %s (pid %s) is %s; replacing it", worker.worker_id, pid, status)
             worker.kill(WorkerCrashed(pid, None, f"the worker process was found {status} by the monitor"), KILL_GRACE)
             return

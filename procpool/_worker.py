@@ -32,6 +32,10 @@ log = logging.getLogger("procpool.worker")
 
 # One read takes whatever the pipe holds, up to this much: many small results per syscall.
 READ_SIZE = 1 << 18
+# Collecting a dead worker's exit status: first retry after this many seconds (doubling up to
+# 0.1 s); a process that closed its sentinel but lives on is killed after REAP_PATIENCE seconds.
+REAP_FIRST_DELAY = 0.001
+REAP_PATIENCE = 5.0
 # A worker with this many failures in a row is unhealthy until a task succeeds again.
 UNHEALTHY_AFTER_FAILURES = 3
 
@@ -261,13 +265,27 @@ class Worker:
         if self._sentinel is not None:
             loop.remove_reader(self._sentinel)
             self._sentinel = None
-        # The sentinel fires when the child's pipe end closes, a moment before it can be reaped.
-        process.join(1.0)
-        exitcode = process.exitcode
-        if exitcode is None:  # pragma: no cover - a process that closed its fds but lives on
-            process.kill()
-            process.join(1.0)
-            exitcode = process.exitcode
+        never_ready = self.state == "starting"
+        self.state = "dead"  # no work for it while its exit status is collected
+        self._reap(process, never_ready, time.monotonic(), REAP_FIRST_DELAY)
+
+    def _reap(self, process: Any, never_ready: bool, since: float, delay: float) -> None:
+        """Report the death with the real exit status, polling for it without blocking the loop.
+
+        The sentinel fires when the child's end of a pipe closes, which under spawn is a moment
+        before the process can be reaped: retry with a growing delay. A process that closed its
+        descriptors but lives on is killed after REAP_PATIENCE seconds.
+        """
+        if process is not self.process:  # pragma: no cover - the slot was released meanwhile
+            return
+        exitcode = process.exitcode  # a non-blocking poll
+        if exitcode is None:
+            waited = time.monotonic() - since
+            if waited < REAP_PATIENCE + 1.0:
+                if waited >= REAP_PATIENCE:
+                    process.kill()
+                self.pool._loop.call_later(delay, self._reap, process, never_ready, since, min(2 * delay, 0.1))
+                return
         pid = self.pid
         # Processes its tasks started are orphans in its process group now: end them too. The
         # group id cannot be reused while any of them lives.
@@ -280,14 +298,12 @@ class Worker:
         self.skipped = []
         self.in_flight.clear()
         running = self.shared[_child.CURRENT]
-        never_ready = self.state == "starting"
         self._release()
-        self.state = "dead"
         self.pool._worker_exited(self, pid, exitcode, tasks, running, never_ready)
 
     def kill(self, reason: BaseException | None, grace: float) -> None:
         """Stop the process and every process its tasks started: SIGTERM, then SIGKILL."""
-        if self.process is None or self._killing:
+        if self.process is None or self._killing or self._exited:
             return
         self._killing = True
         self.state = "stopping"
