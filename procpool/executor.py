@@ -203,10 +203,10 @@ class _Core:
         with self.lock:
             if self.broken is not None:
                 raise BrokenPool(self.broken)
-            if self.shutdown_requested:
-                raise PoolClosed("cannot schedule new futures after shutdown")
             if _global_shutdown:
                 raise PoolClosed("cannot schedule new futures after interpreter shutdown")
+            if self.shutdown_requested:
+                raise PoolClosed("cannot schedule new futures after shutdown")
             self.inbox.append(item)
             if not self.wake_pending:
                 self.wake_pending = True

@@ -110,6 +110,19 @@ def test_max_workers_rounds_up_to_whole_pools():
         t.close()
 
 
+def test_max_tasks_per_child_replaces_each_worker_after_its_tasks():
+    """max_tasks_per_child (ProcessPoolExecutor's name) recycles workers; forkserver stays the default."""
+    t = Tracked(max_workers=3, max_tasks_per_child=1)
+    try:
+        executor = t.executor
+        assert executor._mp_context.get_start_method() == "forkserver"
+        pids = [executor.submit(tasks.pid).result(DEADLINE) for _ in range(6)]
+        t.pids.update(pids)
+        assert len(set(pids)) == 6
+    finally:
+        t.close()
+
+
 def test_bad_arguments_raise_in_the_caller():
     """A bad max_workers, pool option or the fork start method raises at construction."""
     for bad in (0, -1):
@@ -180,7 +193,13 @@ def test_errors_are_procpools_typed_errors_raised_by_result(tracked):
     assert isinstance(unpicklable.value, pickle.PicklingError)
     with pytest.raises(TaskExited):
         executor.submit(raise_system_exit).result(DEADLINE)
+    for bad_result in (tasks.unpicklable_result, tasks.unloadable_result):
+        with pytest.raises(SerializationError):
+            executor.submit(bad_result).result(DEADLINE)
+    with pytest.raises(SerializationError):
+        executor.submit(tasks.square, tasks.Unloadable()).result(DEADLINE)
     assert executor.submit(tasks.square, 3).result(DEADLINE) == 9
+    assert not executor._broken
 
 
 def test_with_options_sets_a_per_task_timeout(tracked):
@@ -377,16 +396,24 @@ def test_dropping_the_executor_stops_its_workers():
     assert_gone(sorted(pids))
 
 
-def test_interpreter_exit_with_work_pending_finishes_it_and_leaves_no_process(tmp_path):
-    """A script that exits with tasks pending still runs them, exits, and leaves no worker behind."""
+@pytest.mark.parametrize("ending", ["exit", "shutdown(wait=False)"])
+def test_interpreter_exit_with_work_pending_finishes_it_and_leaves_no_process(tmp_path, ending):
+    """A script that exits with tasks pending runs them, refuses work from atexit, and leaves no worker."""
     script = tmp_path / "pending.py"
     script.write_text(
         textwrap.dedent(
             f"""
-            import json, sys
+            import atexit, json, sys
             sys.path.insert(0, {str(Path(tasks.__file__).parent)!r})
             import tasks
-            from procpool import Executor
+            from procpool import Executor, PoolClosed
+
+            @atexit.register
+            def submit_too_late():
+                try:
+                    executor.submit(tasks.square, 2)
+                except PoolClosed as exc:
+                    print("refused:", exc, flush=True)
 
             if __name__ == "__main__":
                 executor = Executor(3)
@@ -394,6 +421,8 @@ def test_interpreter_exit_with_work_pending_finishes_it_and_leaves_no_process(tm
                 futures = [executor.submit(tasks.sleep_then, 0.2, i) for i in range(12)]
                 futures[-1].add_done_callback(lambda f: print("last", f.result(), flush=True))
                 print(json.dumps(sorted(executor._processes)), flush=True)
+                if {ending == "shutdown(wait=False)"}:
+                    executor.shutdown(wait=False)
             """
         )
     )
@@ -409,5 +438,7 @@ def test_interpreter_exit_with_work_pending_finishes_it_and_leaves_no_process(tm
     assert child.returncode == 0, err
     lines = out.splitlines()
     pids = json.loads(lines[0])
-    assert len(pids) == 3 and lines[-1] == "last 11", out
+    assert len(pids) == 3, out
+    assert lines[1:] == ["last 11", "refused: cannot schedule new futures after interpreter shutdown"], out
+    assert not err, err
     assert_gone(pids)
