@@ -10,11 +10,16 @@ registered with ``loop.add_reader``, so results and deaths wake the loop; nothin
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import pickle
+import select
 import signal
+import sys
+import termios
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -133,6 +138,12 @@ class Worker:
     # Bytes the call pipe would not take yet; written when it drains.
     _out: bytearray = attrs.Factory(bytearray)
     _sentinel: int | None = None
+    # A pidfd of the process (Linux), to tell its death from its fork server's.
+    _pidfd: int | None = None
+    # The fork server that started the process, and whether it has died since: its status pipe
+    # (the sentinel) then reads EOF, so the process is watched through its pidfd instead.
+    _server_pid: int | None = None
+    _orphaned: bool = False
     _psutil: psutil.Process | None = None
     # Set when the parent kills the worker on purpose: the error the running task gets.
     kill_reason: BaseException | None = None
@@ -198,7 +209,14 @@ class Worker:
             name=f"procpool-{self.worker_id}",
         )
         try:
-            process.start()
+            try:
+                process.start()
+            except (ConnectionRefusedError, FileNotFoundError):
+                # The fork server died a moment ago; multiprocessing still trusts it until the
+                # kernel has made it a zombie. Forget it, so that a new one starts now.
+                if pool.start_method != "forkserver" or not _forget_fork_server(None, loop):
+                    raise
+                process.start()
         except BaseException:
             call_w.close()
             result_r.close()
@@ -206,6 +224,9 @@ class Worker:
         finally:
             call_r.close()
             result_w.close()
+        self._pidfd = _open_pidfd(process.pid)
+        self._server_pid = _fork_server_pid() if pool.start_method == "forkserver" else None
+        self._orphaned = False
         # Only a started process fills the slot: a failed start leaves it empty (process None),
         # so the pool can count the failure and try again.
         self.process = process
@@ -255,10 +276,15 @@ class Worker:
         if self.process is not None:
             self.process.close()
             self.process = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     def _on_exit(self) -> None:
         """The process sentinel fired: collect its last results, then report the death."""
         process = self.process
+        if self._lost_fork_server():
+            return
         self._exited = True
         self._drain()
         loop = self.pool._loop
@@ -279,7 +305,9 @@ class Worker:
         if process is not self.process:  # pragma: no cover - the slot was released meanwhile
             return
         exitcode = process.exitcode  # a non-blocking poll
-        if exitcode is None:
+        if self._orphaned:
+            exitcode = None  # only the dead fork server could tell; multiprocessing says 255
+        elif exitcode is None:
             waited = time.monotonic() - since
             if waited < REAP_PATIENCE + 1.0:
                 if waited >= REAP_PATIENCE:
@@ -300,6 +328,31 @@ class Worker:
         running = self.shared[_child.CURRENT]
         self._release()
         self.pool._worker_exited(self, pid, exitcode, tasks, running, never_ready)
+
+    def _lost_fork_server(self) -> bool:
+        """Whether the sentinel fired because the fork server died while the worker lives on.
+
+        Under forkserver the sentinel is the server's status pipe, where the server writes the
+        worker's exit status once it has reaped it. If the server dies, the pipe reads EOF and
+        multiprocessing reports exit code 255, yet the worker runs on (re-parented): it keeps
+        its tasks, and from now on its pidfd tells when it really dies (with an unknown status).
+        The dead server is forgotten so that the next start launches a new one.
+        """
+        if self._server_pid is None or self._orphaned or self._sentinel is None:
+            return False
+        if not _at_eof(self._sentinel):
+            return False  # the server wrote the exit status: a real death
+        self._orphaned = True
+        if _forget_fork_server(self._server_pid, self.pool._loop):
+            log.warning("the fork server (pid %s) died; starting a new one for new workers", self._server_pid)
+        if self._pidfd is None or _readable(self._pidfd):
+            return False  # dead too (or no pidfd to watch it): report it, exit status unknown
+        loop = self.pool._loop
+        loop.remove_reader(self._sentinel)
+        self._sentinel = self._pidfd
+        loop.add_reader(self._pidfd, self._on_exit)
+        log.info("worker %s (pid %s) outlived its fork server and keeps working", self.worker_id, self.pid)
+        return True
 
     def kill(self, reason: BaseException | None, grace: float) -> None:
         """Stop the process and every process its tasks started: SIGTERM, then SIGKILL."""
@@ -623,6 +676,67 @@ class Worker:
             f"<Worker {self.worker_id} pid={self.pid} state={self.state} "
             f"in_flight={len(self.in_flight)} restarts={self.restarts}>"
         )
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A file descriptor that reads ready when ``pid`` exits, whoever its parent is (Linux 5.3+)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _at_eof(fd: int) -> bool:
+    """Whether a readable pipe is at end of file, without consuming what it holds."""
+    try:
+        pending = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return int.from_bytes(pending, sys.byteorder) == 0
+
+
+def _fork_server_pid() -> int | None:
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    return getattr(server, "_forkserver_pid", None)
+
+
+def _forget_fork_server(pid: int | None, loop: Any) -> bool:
+    """Make multiprocessing start a new fork server on the next start.
+
+    ``ensure_running()`` restarts a server only once ``waitpid`` shows it dead, and a server that
+    has just closed its socket is not a zombie yet: a start in that moment fails with
+    ConnectionRefusedError. Forget the server (``pid``, or whichever it is when None) as
+    ``ensure_running()`` does for a dead one, and reap it from the loop without blocking.
+    """
+    server: Any = getattr(multiprocessing.forkserver, "_forkserver", None)
+    lock = getattr(server, "_lock", None)
+    if lock is None:  # pragma: no cover - another multiprocessing
+        return False
+    with lock:
+        current = getattr(server, "_forkserver_pid", None)
+        if current is None or (pid is not None and current != pid):
+            return False
+        alive_fd = server._forkserver_alive_fd
+        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
+    if alive_fd is not None:
+        os.close(alive_fd)
+    _reap_server(current, loop, 0.001, time.monotonic() + 60)
+    return True
+
+
+def _reap_server(pid: int, loop: Any, delay: float, deadline: float) -> None:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return
+    if not done and time.monotonic() < deadline:
+        loop.call_later(delay, _reap_server, pid, loop, min(delay * 2, 1.0), deadline)
 
 
 def _signal(proc: psutil.Process, sig: int) -> None:

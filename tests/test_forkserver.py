@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing.forkserver
 import os
+import signal
 import time
 
 import psutil
@@ -27,6 +28,56 @@ def _server_pid() -> int:
 
 def _running(pool: WorkerPool, n: int = 3) -> bool:
     return sum(bool(w.in_flight) and w.is_running(w.in_flight[0]) for w in pool.workers) >= n
+
+
+def _gone(pid: int) -> bool:
+    """Whether pid has exited (a zombie counts: it has exited, only its status is unread)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("kill_a_worker_too", [False, True], ids=["server-only", "server-and-worker"])
+async def test_the_fork_servers_death_costs_no_task(tmp_path, kill_a_worker_too):
+    """When the fork server dies, running tasks finish on their workers and the next replacement
+    worker starts at once; only a worker that really dies costs its task."""
+    gate = tmp_path / "gate"
+    async with WorkerPool(start_method="forkserver") as pool:
+        futures = [pool.submit(tasks.wait_for_file, str(gate), 60) for _ in range(3)]
+        await wait_until(lambda: _running(pool))
+        before = {w.pid for w in pool.workers}
+        server = _server_pid()
+        victim_pid = pool.workers[0].pid
+        os.kill(server, signal.SIGKILL)
+        if kill_a_worker_too:
+            os.kill(victim_pid, signal.SIGKILL)
+        await wait_until(lambda: _gone(server))
+        # Every worker's status pipe has closed; let the pool see it before the tasks finish.
+        await wait_until(lambda: multiprocessing.forkserver._forkserver._forkserver_pid != server)
+        gate.touch()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        if kill_a_worker_too:
+            crashed = [r for r in results if isinstance(r, WorkerCrashed)]
+            assert [r.pid for r in crashed] == [victim_pid], results
+            assert sorted(r for r in results if isinstance(r, int)) == sorted(before - {victim_pid})
+            assert pool.tasks_crashed == 1
+        else:
+            assert all(isinstance(r, int) for r in results), results
+            assert sorted(results) == sorted(before)
+            assert {w.pid for w in pool.workers} == before
+            assert pool.tasks_crashed == 0
+            # A worker that dies after the server did is replaced, and costs only its task.
+            fut = pool.submit(tasks.kill_self)
+            with pytest.raises(WorkerCrashed):
+                await fut
+            assert pool.tasks_crashed == 1
+        await all_healthy(pool)
+        assert pool._start_failures == 0
+        assert pool.workers_restarted == 1
+        assert await pool.apply(tasks.square, (7,)) == 49
+        assert _server_pid() != server
+        await wait_until(lambda: not psutil.pid_exists(server))  # reaped, not left a zombie
 
 
 async def test_a_crash_the_monitor_sees_first_keeps_its_exit_code(tmp_path):
