@@ -26,6 +26,7 @@ from procpool import (
     WorkerCrashed,
     WorkerPool,
 )
+from procpool.handlers import CommandFailed
 
 pytestmark = pytest.mark.anyio
 
@@ -139,15 +140,18 @@ async def test_execute_batch_keeps_order_and_failures_in_place():
 
 
 async def test_echo_and_command_handlers(tmp_path):
-    """The shipped echo handler returns its input; command runs a program in context['repo']."""
+    """The shipped echo handler returns its input; command runs a program in context['repo'] and fails on exit 3."""
     async with WorkerPool(handler="procpool.handlers:echo") as pool:
         echoed = await pool.execute("ping", {"k": "v"})
     assert echoed["prompt"] == "ping" and echoed["context"] == {"k": "v"}
     async with WorkerPool(handler="procpool.handlers:command") as pool:
-        out = await pool.execute("pwd; echo err >&2; exit 3", {"repo": str(tmp_path)})
-    assert out["exit_code"] == 3
-    assert out["stdout"].strip() == str(tmp_path)
-    assert out["stderr"].strip() == "err"
+        out = await pool.execute("pwd; echo ok", {"repo": str(tmp_path)})
+        assert out["exit_code"] == 0
+        assert out["stdout"].split() == [str(tmp_path), "ok"]
+        with pytest.raises(CommandFailed) as info:
+            await pool.execute("echo err >&2; exit 3", {"repo": str(tmp_path)})
+    assert info.value.returncode == 3
+    assert info.value.stderr.strip() == "err"
 
 
 async def test_initializer_runs_in_every_worker():
