@@ -275,7 +275,7 @@ def main(
     handler_path: str | None,
     initializer: Callable[..., Any] | None,
     initargs: tuple[Any, ...],
-    stack_path: str | None,
+    stack_fd: int | None,
     lifeline: Any,
 ) -> None:
     """Entry point of a worker process."""
@@ -286,10 +286,10 @@ def main(
     _subreaper = become_subreaper()
     threading.Thread(target=_watch_parent, args=(lifeline,), name="procpool-parent-watch", daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if stack_path is not None:
-        # Lets the parent capture the stack of a stuck task before it kills the worker.
-        stack_file = open(stack_path, "w")  # noqa: SIM115 - lives as long as the process
-        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    if stack_fd is not None:
+        # Lets the parent capture the stack of a stuck task before it kills the worker: an
+        # anonymous file the parent holds too and reads by descriptor.
+        faulthandler.register(signal.SIGUSR1, file=stack_fd, all_threads=True)
     _state = state
     calls = ConnectionQueue(call_conn)
     results = ConnectionQueue(result_conn)

@@ -37,11 +37,9 @@ import math
 import multiprocessing
 import os
 import pickle
-import shutil
 import signal
 import statistics as stats_lib
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Sized
@@ -197,8 +195,6 @@ def _kill_leftover_workers() -> None:
     would wait forever on our non-daemon workers.
     """
     for pool in list(_live_pools):
-        if pool._stack_dir is not None:
-            shutil.rmtree(pool._stack_dir, ignore_errors=True)
         for worker in pool.workers:
             if worker.process is not None and worker.pid is not None:
                 for kill in (os.killpg, os.kill):
@@ -389,7 +385,6 @@ class WorkerPool:
         self.workers_recycled = 0
         self.workers_stuck = 0
         self._monitor: asyncio.Task[None] | None = None
-        self._stack_dir: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -429,9 +424,6 @@ class WorkerPool:
             self._closed_event = asyncio.Event()
             self._state = PoolState.STARTING
             _live_pools.add(self)
-            self._stack_dir = tempfile.mkdtemp(prefix=f"procpool-{os.getpid()}-")
-            for worker in self.workers:
-                worker.stack_path = os.path.join(self._stack_dir, f"{worker.index}.stack")
             self._monitor = self._loop.create_task(self._monitor_loop(), name=f"procpool-monitor-{self.pool_id}")
             try:
                 for worker in self.workers:
@@ -533,8 +525,6 @@ class WorkerPool:
             worker._conns = ()
             worker.process = None
             worker.state = "dead"
-        if self._stack_dir is not None:
-            shutil.rmtree(self._stack_dir, ignore_errors=True)
         log.warning("pool %s was shut down after its event loop had closed; its workers were killed", self.pool_id)
 
     def _kill_all(self, why: str) -> None:
@@ -548,8 +538,6 @@ class WorkerPool:
         _live_pools.discard(self)
         if self._monitor is not None:
             self._monitor.cancel()
-        if self._stack_dir is not None:
-            shutil.rmtree(self._stack_dir, ignore_errors=True)
         assert self._closed_event is not None
         self._closed_event.set()
         log.info("pool %s shut down", self.pool_id)
@@ -1279,17 +1267,15 @@ class WorkerPool:
     async def _replace_stuck(self, worker: Worker, task: Task, evidence: str) -> None:
         """Capture the stuck task's Python stack, then kill and replace its worker."""
         process, pid = worker.process, worker.pid
-        stack = ""
-        if pid is not None and worker.stack_path is not None:
+        if pid is not None:
             try:
                 os.kill(pid, signal.SIGUSR1)  # faulthandler in the child writes every thread's stack
-                await asyncio.sleep(STACK_DUMP_GRACE)
-                with open(worker.stack_path, errors="replace") as f:
-                    stack = f.read().strip()
-            except (OSError, ProcessLookupError):
+            except ProcessLookupError:
                 pass
+            await asyncio.sleep(STACK_DUMP_GRACE)
         if worker.process is not process or task.state != "sent":
             return  # it finished or died meanwhile
+        stack = worker.read_stack()
         detail = evidence + (f"\nstack of the stuck worker:\n{stack}" if stack else "")
         worker.kill(WorkerStuck(pid, None, detail), KILL_GRACE)
 

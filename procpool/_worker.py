@@ -14,11 +14,13 @@ import fcntl
 import logging
 import multiprocessing.connection
 import multiprocessing.forkserver
+import multiprocessing.reduction
 import os
 import pickle
 import select
 import signal
 import sys
+import tempfile
 import termios
 import time
 from typing import TYPE_CHECKING, Any
@@ -170,7 +172,9 @@ class Worker:
     # Why the current process failed to start, as a clause for BrokenPool's message.
     init_failure: str | None = None
     spawned_at: float = 0.0
-    stack_path: str | None = None
+    # An anonymous file (memfd) the child's faulthandler writes every thread's stack to on
+    # SIGUSR1: the kernel frees it with the last descriptor, however the parent dies.
+    _stack_fd: int | None = None
     # Statistics.
     tasks_processed: int = 0
     tasks_succeeded: int = 0
@@ -194,6 +198,7 @@ class Worker:
         else:
             for i in range(_child.STATE_SIZE):
                 self.shared[i] = 0
+        stack_fd = _anonymous_file()
         process = ctx.Process(
             target=_child.main,
             args=(
@@ -203,7 +208,7 @@ class Worker:
                 pool._handler_path,
                 pool._initializer,
                 pool._initargs,
-                self.stack_path,
+                None if stack_fd is None else _PassFd(stack_fd),
                 lifeline(),
             ),
             name=f"procpool-{self.worker_id}",
@@ -220,11 +225,14 @@ class Worker:
         except BaseException:
             call_w.close()
             result_r.close()
+            if stack_fd is not None:
+                os.close(stack_fd)
             raise
         finally:
             call_r.close()
             result_w.close()
         self._pidfd = _open_pidfd(process.pid)
+        self._stack_fd = stack_fd
         self._server_pid = _fork_server_pid() if pool.start_method == "forkserver" else None
         self._orphaned = False
         # Only a started process fills the slot: a failed start leaves it empty (process None),
@@ -279,6 +287,18 @@ class Worker:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        if self._stack_fd is not None:
+            os.close(self._stack_fd)
+            self._stack_fd = None
+
+    def read_stack(self) -> str:
+        """What the child's faulthandler wrote on SIGUSR1 (every thread's stack), or ''."""
+        if self._stack_fd is None:
+            return ""
+        try:
+            return os.pread(self._stack_fd, 1 << 20, 0).decode(errors="replace").strip()
+        except OSError:
+            return ""
 
     def _on_exit(self) -> None:
         """The process sentinel fired: collect its last results, then report the death."""
@@ -676,6 +696,35 @@ class Worker:
             f"<Worker {self.worker_id} pid={self.pid} state={self.state} "
             f"in_flight={len(self.in_flight)} restarts={self.restarts}>"
         )
+
+
+def _anonymous_file() -> int | None:
+    """A file with no name, freed by the kernel with its last descriptor: nothing is left on
+    disk when the parent is killed. memfd where there is one, else an unlinked temporary file."""
+    try:
+        return os.memfd_create("procpool-stack")
+    except (AttributeError, OSError):
+        pass
+    try:
+        with tempfile.TemporaryFile() as f:
+            return os.dup(f.fileno())
+    except OSError:  # pragma: no cover - no writable temporary directory
+        return None
+
+
+class _PassFd:
+    """An open file descriptor among a worker's Process arguments; the child receives an int
+    naming the same open file (multiprocessing passes it like a Pipe's descriptors)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_received_fd, (multiprocessing.reduction.DupFd(self.fd),))
+
+
+def _received_fd(dup: Any) -> int:
+    return int(dup.detach())
 
 
 def _open_pidfd(pid: int) -> int | None:

@@ -3,6 +3,7 @@ the parent dies, no process and no file outlives the pool. Real processes and re
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -188,3 +189,24 @@ async def test_a_worker_adopts_and_reaps_the_orphans_its_tasks_leave(tmp_path):
     finally:
         _kill(orphan)
 
+
+def test_a_killed_parent_leaves_no_files_behind(tmp_path):
+    """A parent killed by SIGKILL leaves no procpool directory or file in the temp directory."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT.format(tests=TESTS, mode="none", pidfile=""))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    family: list[psutil.Process] = []
+    try:
+        family = _procs(json.loads(parent.stdout.readline())["workers"])
+        parent.kill()
+        parent.wait(30)
+        assert not _wait_gone(family)
+        import tempfile
+
+        left = glob.glob(os.path.join(tempfile.gettempdir(), f"procpool-{parent.pid}-*"))
+        assert not left, f"left behind: {left}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        _kill(family)
