@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import functools
 import itertools
 import logging
@@ -106,14 +107,9 @@ def _run_chunk(fn: Callable[..., Any], items: list[Any], star: bool) -> tuple[li
     values, then raises it, as a plain ``map`` would.
     """
     values: list[Any] = []
-    append = values.append
     try:
-        if star:
-            for args in items:
-                append(fn(*args))
-        else:
-            for item in items:
-                append(fn(item))
+        # extend() keeps what it appended before fn raised, and runs the loop in C.
+        values.extend(itertools.starmap(fn, items) if star else map(fn, items))
     except BaseException as exc:
         if not values:
             raise
@@ -192,6 +188,7 @@ class _Core:
         self.closing = False
         self.cancel_all = False
         self.loop = asyncio.new_event_loop()
+        self.context = contextvars.Context()
         self.idle: asyncio.Future[None] = self.loop.create_future()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -334,6 +331,7 @@ class _Core:
         if not self.started:
             return
         queue = self.queue
+        single = len(self.slots) == 1
         while queue:
             try:
                 slot = self._pick()
@@ -342,10 +340,13 @@ class _Core:
                 return
             if slot is None:
                 return
-            item = queue.popleft()
-            if not item.future.set_running_or_notify_cancel():
-                continue  # cancelled while it waited
-            self._hand_off(slot, item)
+            # One pool: fill its room in one go. Several: pick again, as the loads change.
+            for _ in range(slot.limit - slot.handed if single else 1):
+                if not queue:
+                    break
+                item = queue.popleft()
+                if item.future.set_running_or_notify_cancel():  # False: cancelled while it waited
+                    self._hand_off(slot, item)
         self._check_idle()
 
     def _hand_off(self, slot: _Slot, item: _WorkItem) -> None:
@@ -365,7 +366,8 @@ class _Core:
         slot.handed += 1
         if slot.handed == POOL_SIZE:
             slot.busy_since = time.monotonic()
-        task.add_done_callback(functools.partial(self._task_done, slot, item.future))
+        # An explicit context: add_done_callback would otherwise copy the current one per task.
+        task.add_done_callback(functools.partial(self._task_done, slot, item.future), context=self.context)
 
     def _task_done(self, slot: _Slot, future: concurrent.futures.Future[Any], task: asyncio.Future[Any]) -> None:
         now = time.monotonic()
