@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import executor as executor_bench
 import psutil
 
 MEASURE = Path(__file__).resolve().with_name("measure.py")
@@ -558,7 +559,10 @@ def main(argv: list[str] | None = None) -> int:
         "raw": {key: [run.lines for run in runs[key]] for key in keys},
     }
     report["targets"] = targets(summary)
-    text = render(report)
+    # procpool.Executor from synchronous code against the same peers (issue 12).
+    report["executor"] = executor_bench.run(sizes, repeat, peers=keys[1:])
+    leftover += report["executor"]["leftover"]
+    text = render(report) + "\n\n" + executor_bench.render(report["executor"])
     print(text)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
