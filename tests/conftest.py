@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import psutil
 import pytest
+from helpers import assert_gone, pids_of
 
 from procpool import WorkerPool
 
@@ -12,30 +12,6 @@ from procpool import WorkerPool
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def pids_of(pool: WorkerPool) -> list[int]:
-    return [w.pid for w in pool.workers if w.pid is not None]
-
-
-def assert_gone(pids: list[int], timeout: float = 10.0) -> None:
-    """Every pid has exited (zombies count as gone) within the deadline."""
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    alive = [p for p in alive if _status(p) != psutil.STATUS_ZOMBIE]
-    assert not alive, f"processes left behind: {alive}"
-
-
-def _status(proc: psutil.Process) -> str:
-    try:
-        return proc.status()
-    except psutil.NoSuchProcess:
-        return psutil.STATUS_ZOMBIE
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import random
 import psutil
 import pytest
 import tasks
-from test_pool import all_healthy
+from helpers import all_healthy
 
 from procpool import (
     MemoryLimitExceeded,

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import assert_gone
+from helpers import assert_gone
 
 from procpool._cli import benchmarks_dir
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tasks
-from conftest import assert_gone, pids_of
-from test_pool import all_healthy, wait_until
+from helpers import all_healthy, assert_gone, pids_of, wait_until
 
 import procpool._pool
 from procpool import (

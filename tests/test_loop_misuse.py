@@ -7,7 +7,7 @@ import concurrent.futures
 
 import attacks
 import pytest
-from conftest import assert_gone, pids_of
+from helpers import assert_gone, pids_of
 
 from procpool import WorkerPool
 

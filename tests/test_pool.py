@@ -13,7 +13,7 @@ import types
 import psutil
 import pytest
 import tasks
-from conftest import assert_gone, pids_of
+from helpers import all_healthy, assert_gone, pids_of, wait_until
 
 import procpool
 from procpool import (
@@ -31,17 +31,8 @@ from procpool.handlers import CommandFailed
 pytestmark = pytest.mark.anyio
 
 
-async def wait_until(predicate, timeout: float = 15.0) -> None:
-    """Wait for a condition the pool reaches through its own events, with a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
-async def all_healthy(pool: WorkerPool) -> None:
-    await wait_until(lambda: pool.get_status()["workers_healthy"] == POOL_SIZE)
 
 
 # -- basics -------------------------------------------------------------------------------------

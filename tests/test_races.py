@@ -11,8 +11,7 @@ import sys
 
 import pytest
 import tasks
-from conftest import assert_gone, pids_of
-from test_pool import all_healthy, wait_until
+from helpers import all_healthy, assert_gone, pids_of, wait_until
 
 from procpool import PoolClosed, TaskTimeout, WorkerPool
 

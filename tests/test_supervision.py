@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import attacks
 import pytest
 import tasks
-from conftest import assert_gone, pids_of
+from helpers import assert_gone, pids_of, wait_until
 
 import procpool._pool
 from procpool import BrokenPool, WorkerCrashed, WorkerPool, WorkerStuck
@@ -21,13 +20,6 @@ from procpool import BrokenPool, WorkerCrashed, WorkerPool, WorkerStuck
 pytestmark = pytest.mark.anyio
 
 
-async def wait_until(predicate, timeout: float = 30.0) -> None:
-    """Wait for a condition the pool reaches through its own events, with a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def test_a_hanging_initializer_breaks_the_pool_after_start_timeout():

@@ -1,0 +1,50 @@
+"""Helpers shared by the tests: finding a pool's processes, waiting for conditions, leak checks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import psutil
+
+from procpool import POOL_SIZE, WorkerPool
+
+
+def pids_of(pool: WorkerPool) -> list[int]:
+    """The pids of the pool's live worker processes."""
+    return [w.pid for w in pool.workers if w.pid is not None]
+
+
+def assert_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Every pid has exited (zombies count as gone) within the deadline."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = [p for p in alive if _status(p) != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes left behind: {alive}"
+
+
+def _status(proc: psutil.Process) -> str:
+    try:
+        return proc.status()
+    except psutil.NoSuchProcess:
+        return psutil.STATUS_ZOMBIE
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Wait for a condition the pool reaches through its own events, with a generous deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def all_healthy(pool: WorkerPool) -> None:
+    """Wait until all three workers of the pool are healthy."""
+    await wait_until(lambda: pool.get_status()["workers_healthy"] == POOL_SIZE)
