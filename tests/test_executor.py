@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tasks
-from conftest import assert_gone
+from helpers import assert_gone
 
 import procpool
 from procpool import BrokenPool, PoolClosed, RemoteTraceback, SerializationError, TaskExited, TaskTimeout, WorkerCrashed
@@ -288,6 +288,7 @@ def test_shutdown_racing_submits_leaves_no_future_unresolved():
     accepted: list[concurrent.futures.Future[int]] = []
     refused = []
     go = threading.Barrier(5)
+    submitting = threading.Event()
 
     def submitter() -> None:
         go.wait(DEADLINE)
@@ -297,13 +298,14 @@ def test_shutdown_racing_submits_leaves_no_future_unresolved():
             except PoolClosed:
                 refused.append(i)
                 return
+            if i == 10:
+                submitting.set()
 
     threads = [threading.Thread(target=submitter) for _ in range(4)]
     for thread in threads:
         thread.start()
     go.wait(DEADLINE)
-    while len(accepted) < 50:
-        time.sleep(0.001)  # a yield of the GIL, not a stand-in for synchronisation
+    assert submitting.wait(DEADLINE)
     t.note()
     executor.shutdown(wait=True, cancel_futures=True)
     for thread in threads:
