@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 import tasks
-from test_pool import all_healthy, wait_until
+from helpers import all_healthy, wait_until
 
 from procpool import WorkerCrashed, WorkerPool
 

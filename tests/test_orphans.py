@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tasks
-from test_pool import all_healthy, wait_until
+from helpers import all_healthy, wait_until
 
 from procpool import TaskTimeout, WorkerPool
 
