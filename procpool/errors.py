@@ -14,8 +14,8 @@ Every failure path ends in one of these, or in the task's own exception type:
     ├── BrokenPool               (also concurrent.futures.BrokenExecutor) workers cannot start
     ├── PoolClosed               (also RuntimeError) the pool is shut down or shutting down
     ├── PoolFull                 the pool's pending queue is at max_pending (sync submit only)
-    ├── PoolNotFound             (also KeyError) no pool with that id in a PoolManager
-    └── NoPoolAvailable          a PoolManager has no pool that can take work
+    ├── PoolNotFound             (also KeyError and ValueError) no pool with that id in a PoolManager
+    └── NoPoolAvailable          (also ValueError) a PoolManager has no pool that can take work
 
 A task's own exception is re-raised in the caller as its own type, with a
 [`RemoteTraceback`][] (the worker-side traceback text) as ``__cause__``. Two kinds cannot be
@@ -233,13 +233,13 @@ class PoolFull(ProcPoolError):
     default_message = "the pool's pending queue is full"
 
 
-class PoolNotFound(ProcPoolError, KeyError):
+class PoolNotFound(ProcPoolError, KeyError, ValueError):
     """A PoolManager has no pool with the given id."""
 
     default_message = "no such pool"
 
 
-class NoPoolAvailable(ProcPoolError):
+class NoPoolAvailable(ProcPoolError, ValueError):
     """A PoolManager has no running pool to route the task to."""
 
     default_message = "no pool available"
