@@ -1,14 +1,20 @@
-"""Run a procpool pool as a Mahavishnu pool, without importing Mahavishnu.
+"""Run a procpool pool as a Mahavishnu pool.
 
-Mahavishnu (an orchestrator) drives every pool type through one interface, its ``BasePool``:
+Mahavishnu (an orchestrator, Python >= 3.13) drives every pool type through its ``BasePool``:
 ``start``/``stop``/``scale``, ``execute_task``/``execute_batch`` on task dicts, ``health_check``,
-``get_metrics``, ``collect_memory`` and ``status``, plus the attributes ``pool_id``, ``config``
-and ``_workers``. [`PoolContract`][] writes that interface down as a
-``typing.Protocol``; [`ProcPoolAdapter`][] implements it on top of a [`WorkerPool`][].
+``get_metrics``, ``collect_memory`` and ``status``, plus ``pool_id``, ``config``, ``_status`` and
+``_workers``. [`ProcPoolAdapter`][] implements it on a [`WorkerPool`][procpool.WorkerPool].
 
-Mahavishnu needs Python 3.13 and many dependencies, so procpool never imports it; the adapter is
-duck-typed against the contract, and Mahavishnu's own ``PoolConfig`` works as its ``config``.
-See docs/embedding.md for registering it.
+When Mahavishnu is importable, the adapter *is* a ``mahavishnu.pools.base.BasePool`` (the class
+is built on it when this module is imported) and ``PoolConfig``, ``PoolMetrics`` and
+``PoolStatus`` here are Mahavishnu's own. Without it they are look-alikes with the same fields
+and values, and nothing of Mahavishnu is imported. [`PoolContract`][] writes the interface down
+as a ``typing.Protocol``.
+
+[`spawn_procpool`][] registers a procpool pool with Mahavishnu's real ``PoolManager`` exactly as
+its ``spawn_pool`` registers its own types, and ``ProcPoolManager`` (built on first use, only
+with Mahavishnu) is its ``PoolManager`` that also accepts ``spawn_pool("procpool", config)``, so
+its ``pool_spawn`` MCP tool can create procpool pools. See docs/embedding.md.
 """
 
 from __future__ import annotations
@@ -16,20 +22,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import heapq
 import inspect
+import itertools
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
-from procpool._pool import POOL_SIZE, PoolState, WorkerPool
+from procpool import POOL_SIZE, PoolState, WorkerPool
 from procpool.errors import BrokenPool, PoolClosed, TaskTimeout
+from procpool.integrations.tasks import DEFAULT_TASK_HANDLER, RUN_TASK, check_handler
 
 __all__ = (
+    "MAHAVISHNU",
     "POOL_TYPE",
     "PoolConfig",
     "PoolConfigLike",
@@ -37,36 +47,87 @@ __all__ = (
     "PoolMetrics",
     "PoolStatus",
     "ProcPoolAdapter",
+    "register_pool",
+    "spawn_procpool",
 )
 
 log = logging.getLogger("procpool.integrations.mahavishnu")
 
 POOL_TYPE = "procpool"
-# Finished-task records kept for collect_memory(), which drains them. An orchestrator collects
-# every minute or so; past this many the oldest are dropped rather than growing without bound.
+# Finished-task records kept for collect_memory(). Mahavishnu reads them repeatedly (its
+# aggregate_results, MemoryAggregator and memory stats each call it), so reading does not drain
+# them; past this many the oldest are dropped rather than growing without bound.
 MEMORY_LIMIT = 10_000
-# WorkerPool options that may come from config.extra_config (every keyword but the id).
-_POOL_OPTIONS = frozenset(inspect.signature(WorkerPool).parameters) - {"pool_id"}
+# WorkerPool options that may come from config.extra_config: every keyword but the id and the
+# handler, which the adapter chooses (its task runner, or the prompt handler given as `handler`).
+_POOL_OPTIONS = frozenset(inspect.signature(WorkerPool).parameters) - {"pool_id", "handler"}
 
+if TYPE_CHECKING:
+    _BasePool = object
+    from mahavishnu.core.status import PoolStatus
+    from mahavishnu.pools.base import PoolConfig, PoolMetrics
 
-class PoolStatus(enum.StrEnum):
-    """Pool lifecycle status; the same strings as Mahavishnu's ``PoolStatus``, so they compare equal."""
+    MAHAVISHNU: bool
+else:
+    try:
+        from mahavishnu.core.status import PoolStatus
+        from mahavishnu.pools.base import BasePool as _BasePool
+        from mahavishnu.pools.base import PoolConfig, PoolMetrics
 
-    PENDING = "pending"
-    INITIALIZING = "initializing"
-    RUNNING = "running"
-    SCALING = "scaling"
-    DEGRADED = "degraded"
-    STOPPED = "stopped"
-    FAILED = "failed"
+        MAHAVISHNU = True
+    except ImportError:
+        MAHAVISHNU = False
+        _BasePool = object
+
+        class PoolStatus(enum.StrEnum):
+            """Pool lifecycle status: Mahavishnu's ``PoolStatus`` values, so they compare equal."""
+
+            PENDING = "pending"
+            INITIALIZING = "initializing"
+            RUNNING = "running"
+            SCALING = "scaling"
+            DEGRADED = "degraded"
+            STOPPED = "stopped"
+            FAILED = "failed"
+
+        @attrs.define
+        class PoolConfig:
+            """Mahavishnu's ``PoolConfig`` fields, for use without Mahavishnu.
+
+            ``extra_config`` may carry [`WorkerPool`][procpool.WorkerPool] options and
+            ``task_handler`` or ``handler`` (see [`ProcPoolAdapter`][]).
+            """
+
+            name: str
+            pool_type: str = POOL_TYPE
+            min_workers: int = 1
+            max_workers: int = 10
+            worker_type: str = "process"
+            auto_scale: bool = False
+            memory_enabled: bool = True
+            extra_config: dict[str, Any] = attrs.Factory(dict)
+
+            def get(self, key: str, default: Any = None) -> Any:
+                """A value from ``extra_config``."""
+                return self.extra_config.get(key, default)
+
+        @attrs.define
+        class PoolMetrics:
+            """Mahavishnu's ``PoolMetrics`` fields."""
+
+            pool_id: str
+            status: PoolStatus
+            active_workers: int
+            total_workers: int
+            tasks_completed: int = 0
+            tasks_failed: int = 0
+            avg_task_duration: float = 0.0
+            memory_usage_mb: float = 0.0
 
 
 @runtime_checkable
 class PoolConfigLike(Protocol):
-    """What the contract needs of a pool configuration (Mahavishnu's ``PoolConfig`` fits).
-
-    Read-only here, so frozen and mutable configurations both qualify.
-    """
+    """What the adapter needs of a pool configuration (Mahavishnu's ``PoolConfig`` fits)."""
 
     @property
     def name(self) -> str: ...
@@ -82,49 +143,9 @@ class PoolConfigLike(Protocol):
     def extra_config(self) -> dict[str, Any]: ...
 
 
-@attrs.frozen
-class PoolConfig:
-    """A pool configuration with Mahavishnu's field names, for use without Mahavishnu.
-
-    ``extra_config`` may carry [`WorkerPool`][] options: ``handler`` (required unless passed
-    to the adapter), ``task_timeout``, ``initializer``, ``start_method`` ...
-    """
-
-    name: str
-    pool_type: str = POOL_TYPE
-    min_workers: int = POOL_SIZE
-    max_workers: int = POOL_SIZE
-    worker_type: str = "process"
-    auto_scale: bool = False
-    memory_enabled: bool = True
-    extra_config: dict[str, Any] = attrs.Factory(dict)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """A value from ``extra_config``."""
-        return self.extra_config.get(key, default)
-
-
-@attrs.frozen
-class PoolMetrics:
-    """Pool metrics with the field names of Mahavishnu's ``PoolMetrics``."""
-
-    pool_id: str
-    status: PoolStatus
-    active_workers: int
-    total_workers: int
-    tasks_completed: int = 0
-    tasks_failed: int = 0
-    avg_task_duration: float = 0.0
-    memory_usage_mb: float = 0.0
-
-
 @runtime_checkable
 class PoolContract(Protocol):
-    """Mahavishnu's pool interface (its ``BasePool``), as a structural type.
-
-    ``isinstance(obj, PoolContract)`` checks that every member exists; the contract tests also
-    check that the methods are coroutine functions with these parameters.
-    """
+    """Mahavishnu's pool interface (its ``BasePool``), as a structural type."""
 
     pool_id: str
     config: PoolConfigLike
@@ -135,22 +156,21 @@ class PoolContract(Protocol):
         """Start the workers; return the pool id."""
 
     async def execute_task(self, task: dict[str, Any]) -> dict[str, Any]:
-        """Run ``task["prompt"]``; return ``pool_id, worker_id, status, output, error, duration``.
+        """Run a task dict; return ``pool_id, worker_id, status, output, error, duration``.
 
         Args:
-            task: a dict: ``prompt`` (str, required), ``context`` (dict, optional), ``timeout``
-                (seconds, optional).
+            task: the task, with any keys the pool's handler reads.
         """
 
     async def execute_batch(self, tasks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Run tasks concurrently; return ``{task_id: execute_task-style result}``.
 
         Args:
-            tasks: a list of task dicts as for ``execute_task``.
+            tasks: task dicts as for ``execute_task``.
         """
 
     async def scale(self, target_worker_count: int) -> None:
-        """Resize the pool, or raise ValueError/NotImplementedError.
+        """Resize: ValueError outside [min_workers, max_workers], NotImplementedError if it cannot.
 
         Args:
             target_worker_count: the number of workers wanted.
@@ -160,13 +180,13 @@ class PoolContract(Protocol):
         """Return ``pool_id, pool_type, status`` (healthy/degraded/unhealthy), ``workers_active``."""
 
     async def get_metrics(self) -> Any:
-        """Return metrics with PoolMetrics' fields."""
+        """Return a ``PoolMetrics``."""
 
     async def collect_memory(self) -> list[dict[str, Any]]:
-        """Return ``{"content", "metadata"}`` records of finished tasks."""
+        """Return ``{"content", "metadata"}`` records of finished tasks (a read, not a drain)."""
 
-    async def status(self) -> str:
-        """Return the lifecycle status (a PoolStatus value)."""
+    async def status(self) -> Any:
+        """Return the lifecycle status (a ``PoolStatus``)."""
 
     async def stop(self) -> None:
         """Shut the pool down."""
@@ -175,22 +195,13 @@ class PoolContract(Protocol):
 # -- task dicts --------------------------------------------------------------------------------
 
 
-def _parse_task(task: Any) -> tuple[str, dict[str, Any] | None, float | None]:
-    """Check a task dict up front: ``prompt`` (str), optional ``context`` (dict), ``timeout``."""
-    if not isinstance(task, Mapping):
-        raise TypeError(f"a task must be a dict with a 'prompt', not {type(task).__name__}")
-    prompt = task.get("prompt")
-    if not isinstance(prompt, str):
-        raise ValueError(f"a task needs a 'prompt' string, got {prompt!r}")
-    context = task.get("context")
-    if context is not None and not isinstance(context, dict):
-        raise TypeError(f"task 'context' must be a dict or None, not {type(context).__name__}")
+def _check_timeout(task: Mapping[str, Any]) -> float | None:
     timeout = task.get("timeout")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
     ):
         raise ValueError(f"task 'timeout' must be a positive number of seconds or None, got {timeout!r}")
-    return prompt, context, timeout
+    return timeout
 
 
 def _as_text(value: Any) -> str:
@@ -205,28 +216,35 @@ def _as_text(value: Any) -> str:
 # -- the adapter -------------------------------------------------------------------------------
 
 
-class ProcPoolAdapter:
-    """A procpool [`WorkerPool`][] (three worker processes) behind Mahavishnu's pool contract.
+class ProcPoolAdapter(_BasePool):
+    """A procpool [`WorkerPool`][procpool.WorkerPool] (three worker processes) as a Mahavishnu pool.
 
-    Tasks are dicts: ``{"prompt": str, "context": dict (optional), "timeout": seconds (optional),
-    "task_id": str (optional, for execute_batch)}``; the pool's handler runs
-    ``handler(prompt, context)`` in a worker. A task's failure, crash or timeout comes back as a
-    result with ``status`` ``"failed"`` or ``"timeout"`` and an ``error`` text; bad task dicts
-    raise TypeError/ValueError, and a pool that is not running raises.
+    A task is a dict with any keys. The pool's *task handler* receives the whole dict and a
+    [`TaskContext`][procpool.integrations.tasks.TaskContext] naming the pool, worker and task id
+    (``handler(task, context)``, see `procpool.integrations.tasks`); the default,
+    ``procpool.integrations.tasks:echo_task``, runs nothing and returns the task. Alternatively
+    a procpool *prompt handler* ``handler(prompt, context)`` runs ``task["prompt"]`` with
+    ``task["context"]``. The adapter reads two keys itself: ``timeout`` (seconds) and
+    ``task_id``. A task's failure, crash or timeout comes back as a result with ``status``
+    ``"failed"`` or ``"timeout"`` and an ``error`` text; a malformed task raises
+    TypeError/ValueError, and a pool that is not running raises.
 
     Args:
-        config: Mahavishnu's ``PoolConfig`` or `PoolConfig`; default: a procpool config.
-            Its ``extra_config`` may hold [`WorkerPool`][] options (``handler`` ...).
-            ``min_workers <= 3 <= max_workers`` must hold: a procpool pool has three workers.
-        pool_id: the pool id; generated when omitted.
-        terminal_manager: accepted and ignored, so that the class itself can be registered as a
-            Mahavishnu pool factory (which passes it).
+        config: Mahavishnu's ``PoolConfig`` (default: one named after the pool, of type
+            ``procpool``). ``min_workers <= 3 <= max_workers`` must hold. Its ``extra_config``
+            may hold ``task_handler``, ``handler`` and [`WorkerPool`][procpool.WorkerPool]
+            options (``task_timeout``, ``initializer``, ``start_method`` ...); other keys are
+            ignored. ``memory_enabled=False`` keeps no memory records.
+        pool_id: the pool id (default ``f"{config.pool_type}_{id(pool)}"``, as Mahavishnu's).
+        terminal_manager: accepted and ignored, as Mahavishnu's pool factories receive it.
         session_buddy_client: accepted and ignored, for the same reason.
-        **pool_options: [`WorkerPool`][] options; they override ``extra_config``.
+        **pool_options: ``task_handler``, ``handler`` or WorkerPool options; they override
+            ``extra_config``.
 
     Raises:
-        ValueError: no handler, or a worker range that excludes 3.
-        TypeError: ``config`` lacks the contract's fields.
+        ValueError: a worker range that excludes 3, both handler kinds, or a handler that cannot
+            be imported.
+        TypeError: ``config`` lacks ``PoolConfig``'s fields.
     """
 
     def __init__(
@@ -239,7 +257,7 @@ class ProcPoolAdapter:
         **pool_options: Any,
     ) -> None:
         if config is None:
-            config = PoolConfig(name=pool_id or POOL_TYPE)
+            config = PoolConfig(name=pool_id or POOL_TYPE, pool_type=POOL_TYPE)
         if not isinstance(config, PoolConfigLike):
             raise TypeError(
                 "config must have name, pool_type, min_workers, max_workers, worker_type and "
@@ -250,73 +268,51 @@ class ProcPoolAdapter:
                 f"a procpool pool has exactly {POOL_SIZE} workers, outside this config's range "
                 f"[{config.min_workers}, {config.max_workers}]"
             )
-        options = {k: v for k, v in (config.extra_config or {}).items() if k in _POOL_OPTIONS}
+        options = dict(config.extra_config or {})
         options.update(pool_options)
-        if options.get("handler") is None:
-            raise ValueError(
-                "a ProcPoolAdapter needs a prompt handler: pass handler='package.module:function' "
-                "or put it in config.extra_config['handler'] (e.g. 'procpool.handlers:command')"
-            )
-        self.config = config
-        self._pool = WorkerPool(pool_id, **options)
-        self.pool_id = self._pool.pool_id
+        task_handler, prompt_handler = options.pop("task_handler", None), options.pop("handler", None)
+        if task_handler is not None and prompt_handler is not None:
+            raise ValueError("give a task_handler (task, context) or a prompt handler (prompt, context), not both")
+        if prompt_handler is None:
+            self.task_handler: str | None = check_handler(task_handler or DEFAULT_TASK_HANDLER)
+        else:
+            self.task_handler = None
+        if _BasePool is object:
+            self.config = config
+            self.pool_id = pool_id or f"{config.pool_type}_{id(self)}"
+        else:
+            super().__init__(config, pool_id)  # type: ignore[call-arg]
+        self._pool = WorkerPool(
+            self.pool_id,
+            handler=prompt_handler if prompt_handler is not None else RUN_TASK,
+            **{k: v for k, v in options.items() if k in _POOL_OPTIONS},
+        )
         self._start_failed = False
+        self._task_numbers = itertools.count(1)
         self._memory: collections.deque[dict[str, Any]] = collections.deque(maxlen=MEMORY_LIMIT)
 
     @property
     def pool(self) -> WorkerPool:
-        """The underlying [`WorkerPool`][]."""
+        """The underlying [`WorkerPool`][procpool.WorkerPool]."""
         return self._pool
+
+    # BasePool keeps `_workers` and `_status` as attributes, assigned in its __init__; here they
+    # are derived from the WorkerPool, so the assignments are ignored.
 
     @property
     def _workers(self) -> dict[str, int | None]:
-        # Part of the contract, read by Mahavishnu (len() counts workers): the ready workers,
-        # worker id -> pid, recomputed so replaced workers show their new pids.
-        return {w.worker_id: w.pid for w in self._pool.workers if w.state in ("idle", "busy")}
+        # worker id -> pid (None while the slot restarts). Mahavishnu counts workers with
+        # len(pool._workers) and routes least-loaded to the fewest, so a slot being replaced
+        # still counts: three while the pool runs (issue 11, item 10); health shows the restart.
+        if self._pool.state not in (PoolState.STARTING, PoolState.RUNNING):
+            return {}
+        return {w.worker_id: w.pid for w in self._pool.workers}
 
-    # -- lifecycle ---------------------------------------------------------------------------------
+    @_workers.setter
+    def _workers(self, value: Any) -> None:
+        pass
 
-    async def start(self) -> str:
-        """Start the three workers and return the pool id.
-
-        Raises:
-            BrokenPool: the workers could not start (the pool is then shut down; status FAILED).
-        """
-        try:
-            await self._pool.initialize()
-        except BrokenPool:
-            self._start_failed = True
-            await asyncio.shield(self._pool.shutdown(timeout=0))  # reap what is left of it
-            raise
-        log.info("procpool pool %s started for %s", self.pool_id, self.config.name)
-        return self.pool_id
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Shut the pool down (see [`WorkerPool.shutdown`][]); no worker process is left.
-
-        Args:
-            timeout: seconds running tasks get to finish before the workers are killed (default 5).
-        """
-        await self._pool.shutdown(timeout)
-
-    async def scale(self, target_worker_count: int) -> None:
-        """Accept only the pool's fixed size.
-
-        Args:
-            target_worker_count: must be 3.
-
-        Raises:
-            ValueError: any target but 3; for more capacity, start another pool.
-            TypeError: the target is not an int.
-        """
-        if isinstance(target_worker_count, bool) or not isinstance(target_worker_count, int):
-            raise TypeError(f"target_worker_count must be an int, not {type(target_worker_count).__name__}")
-        if target_worker_count != POOL_SIZE:
-            raise ValueError(
-                f"a procpool pool has exactly {POOL_SIZE} worker processes and cannot scale to "
-                f"{target_worker_count}; start another pool for more capacity"
-            )
-
+    @property
     def _status(self) -> PoolStatus:
         state = self._pool.state
         if self._start_failed or state is PoolState.BROKEN:
@@ -329,11 +325,95 @@ class ProcPoolAdapter:
             return PoolStatus.DEGRADED if self._pool.health == "degraded" else PoolStatus.RUNNING
         return PoolStatus.STOPPED
 
+    @_status.setter
+    def _status(self, value: Any) -> None:
+        pass
+
+    def _ready_workers(self, workers: list[dict[str, Any]]) -> int:
+        if self._pool.state is not PoolState.RUNNING:
+            return 0
+        return sum(w["state"] in ("idle", "busy") for w in workers)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Start the three workers and return the pool id.
+
+        Raises:
+            BrokenPool: the workers could not start (the pool is then shut down; status FAILED).
+            PoolClosed: the pool was stopped.
+        """
+        try:
+            await self._pool.initialize()
+        except BrokenPool:
+            self._start_failed = True
+            await asyncio.shield(self._pool.shutdown(timeout=0))  # reap what is left of it
+            raise
+        log.info("procpool pool %s started for %s", self.pool_id, self.config.name)
+        return self.pool_id
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Shut the pool down (see [`WorkerPool.shutdown`][procpool.WorkerPool.shutdown]); no worker is left.
+
+        Args:
+            timeout: seconds running tasks get to finish before the workers are killed (default 5).
+        """
+        await self._pool.shutdown(timeout)
+
+    async def scale(self, target_worker_count: int) -> None:
+        """Keep the pool's three workers; refuse any other count as the contract says.
+
+        Args:
+            target_worker_count: the number of workers wanted.
+
+        Raises:
+            ValueError: the target is outside the config's ``[min_workers, max_workers]``.
+            NotImplementedError: the target is inside it but not 3: a procpool pool cannot
+                scale (start another pool for more capacity).
+            TypeError: the target is not an int.
+        """
+        if isinstance(target_worker_count, bool) or not isinstance(target_worker_count, int):
+            raise TypeError(f"target_worker_count must be an int, not {type(target_worker_count).__name__}")
+        low, high = self.config.min_workers, self.config.max_workers
+        if not low <= target_worker_count <= high:
+            raise ValueError(f"target_worker_count {target_worker_count} is outside [{low}, {high}]")
+        if target_worker_count != POOL_SIZE:
+            raise NotImplementedError(
+                f"a procpool pool has exactly {POOL_SIZE} worker processes and cannot scale to "
+                f"{target_worker_count}; start another pool for more capacity"
+            )
+
     async def status(self) -> PoolStatus:
         """The lifecycle status: pending, initializing, running, degraded, stopped or failed."""
-        return self._status()
+        return self._status
 
     # -- tasks ---------------------------------------------------------------------------------
+
+    def _parse(self, task: Any, task_id: str | None = None) -> tuple[str, dict[str, Any] | None, float | None, str]:
+        """Check a task up front; return the prompt, context and timeout for the WorkerPool, and its id."""
+        if not isinstance(task, Mapping):
+            raise TypeError(f"a task must be a dict, not {type(task).__name__}")
+        timeout = _check_timeout(task)
+        if task_id is None:
+            task_id = (
+                str(task["task_id"])
+                if task.get("task_id") is not None
+                else f"{self.pool_id}-task-{next(self._task_numbers)}"
+            )
+        if self.task_handler is not None:
+            prompt = task.get("prompt")
+            call = {"handler": self.task_handler, "task": dict(task), "pool_id": self.pool_id, "task_id": task_id}
+            return prompt if isinstance(prompt, str) else "", call, timeout, task_id
+        prompt = task.get("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"this pool runs the prompt handler {self._pool.get_status()['handler']}: "
+                f"a task needs a 'prompt' string, got {prompt!r}"
+            )
+        context = task.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise TypeError(f"task 'context' must be a dict or None, not {type(context).__name__}")
+        return prompt, context, timeout, task_id
 
     def _check_can_run(self) -> None:
         state = self._pool.state
@@ -345,7 +425,7 @@ class ProcPoolAdapter:
             raise PoolClosed(f"pool {self.pool_id!r} is stopped")
 
     async def _run(
-        self, prompt: str, context: dict[str, Any] | None, timeout: float | None, task_id: str | None
+        self, task: Mapping[str, Any], prompt: str, context: dict[str, Any] | None, timeout: float | None, task_id: str
     ) -> dict[str, Any]:
         started = time.monotonic()
         try:
@@ -358,26 +438,28 @@ class ProcPoolAdapter:
         else:
             status = "timeout" if isinstance(failure, TaskTimeout) else "failed"
             error = content = f"{type(failure).__name__}: {failure}"
-        self._memory.append(
-            {
-                "content": content,
-                "metadata": {
-                    "type": "pool_worker_execution",
-                    "pool_id": self.pool_id,
-                    "pool_type": self.config.pool_type,
-                    "worker_id": worker_id,
-                    "status": status,
-                    "timestamp": time.time(),
-                    "duration_seconds": duration,
-                    "task_id": task_id,
-                    "prompt": prompt,
-                    "error": error,
-                },
-            }
-        )
+        if getattr(self.config, "memory_enabled", True):
+            self._memory.append(
+                {
+                    "content": content,
+                    "metadata": {
+                        "type": "pool_worker_execution",
+                        "pool_id": self.pool_id,
+                        "pool_type": self.config.pool_type,
+                        "worker_id": worker_id,
+                        "status": status,
+                        "timestamp": time.time(),
+                        "duration_seconds": duration,
+                        "task_id": task_id,
+                        "prompt": task.get("prompt"),
+                        "error": error,
+                    },
+                }
+            )
         return {
             "pool_id": self.pool_id,
             "worker_id": worker_id,
+            "task_id": task_id,
             "status": status,
             "output": output,
             "error": error,
@@ -388,23 +470,26 @@ class ProcPoolAdapter:
         """Run one task on whichever worker is free.
 
         Args:
-            task: a dict: ``prompt`` (str, required), ``context`` (dict, optional), ``timeout``
-                (seconds, optional).
+            task: a dict with any keys the handler reads; ``timeout`` (seconds) and ``task_id``
+                are read by the adapter too. With a prompt handler, ``prompt`` (str) is needed
+                and ``context`` (dict) is passed with it.
 
         Returns:
-            ``{"pool_id", "worker_id", "status", "output", "error", "duration"}``; ``status`` is
-            ``"completed"``, ``"failed"`` or ``"timeout"``, ``duration`` the seconds it ran.
+            ``{"pool_id", "worker_id", "task_id", "status", "output", "error", "duration"}``;
+            ``status`` is ``"completed"``, ``"failed"`` or ``"timeout"``, ``duration`` the
+            seconds it ran.
 
         Raises:
-            TypeError: the task is not a dict, or its context is not a dict.
-            ValueError: no ``prompt`` string, or a bad ``timeout``.
+            TypeError: the task is not a dict (or a prompt task's context is not a dict).
+            ValueError: a bad ``timeout``, or a prompt task without a ``prompt`` string.
+            procpool.SerializationError: a task value cannot be pickled; nothing ran.
             RuntimeError: the adapter is not started.
             PoolClosed: the pool is stopped.
             BrokenPool: the pool failed to start.
         """
-        prompt, context, timeout = _parse_task(task)
+        prompt, context, timeout, task_id = self._parse(task)
         self._check_can_run()
-        return await self._run(prompt, context, timeout, task.get("task_id"))
+        return await self._run(task, prompt, context, timeout, task_id)
 
     async def execute_batch(self, tasks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Run tasks concurrently over the three workers.
@@ -413,8 +498,7 @@ class ProcPoolAdapter:
         else its position in the list as a string.
 
         Args:
-            tasks: task dicts as for [`execute_task`][]; a ``task_id`` (or ``id``) key names its
-                result.
+            tasks: task dicts as for [`execute_task`][].
 
         Returns:
             ``{task_id: result}``, results as from [`execute_task`][], in input order.
@@ -427,13 +511,14 @@ class ProcPoolAdapter:
             raise TypeError(f"tasks must be a list of task dicts, not {type(tasks).__name__}")
         parsed = {}
         for i, task in enumerate(tasks):
-            call = _parse_task(task)
+            if not isinstance(task, Mapping):
+                raise TypeError(f"a task must be a dict, not {type(task).__name__}")
             task_id = str(task.get("task_id", task.get("id", i)))
             if task_id in parsed:
                 raise ValueError(f"task id {task_id!r} appears twice in the batch")
-            parsed[task_id] = call
+            parsed[task_id] = (task, *self._parse(task, task_id))
         self._check_can_run()
-        results = await asyncio.gather(*(self._run(*call, task_id) for task_id, call in parsed.items()))
+        results = await asyncio.gather(*(self._run(*call) for call in parsed.values()))
         return dict(zip(parsed, results, strict=True))
 
     # -- health, metrics, memory ----------------------------------------------------------------
@@ -444,49 +529,157 @@ class ProcPoolAdapter:
         Returns:
             ``{"pool_id", "pool_type", "status", "workers_active", "workers_total", "reason",
             "worker_health", "tasks_completed", "tasks_failed"}``; ``status`` is ``healthy``,
-            ``degraded`` (a worker is being replaced or keeps failing) or ``unhealthy`` (not
-            running, stopped or broken).
+            ``degraded`` (a worker is being replaced or keeps failing; ``reason`` says which)
+            or ``unhealthy`` (not running, stopped or broken); ``workers_active`` counts the
+            workers ready now.
         """
         health = await self._pool.health_check()
-        status = health["status"] if health["status"] in ("healthy", "degraded") else "unhealthy"
+        stats = self._pool.get_status()
         return {
             "pool_id": self.pool_id,
             "pool_type": self.config.pool_type,
-            "status": status,
-            "workers_active": len(self._workers),
+            "status": health["status"] if health["status"] in ("healthy", "degraded") else "unhealthy",
+            "workers_active": self._ready_workers(health["workers"]),
             "workers_total": POOL_SIZE,
             "reason": health["reason"],
             "worker_health": health["workers"],
-            "tasks_completed": self._pool.tasks_completed,
-            "tasks_failed": self._pool.tasks_failed,
+            "tasks_completed": stats["tasks_completed"],
+            "tasks_failed": stats["tasks_failed"],
         }
 
     async def get_metrics(self) -> PoolMetrics:
         """Counts, average task duration (seconds) and the workers' memory (RSS, MB)."""
-        workers = self._pool.workers
-        finished = sum(w.tasks_processed for w in workers)
-        rss = [w.resources()["rss_mb"] for w in workers if w.state in ("idle", "busy")]
+        stats = self._pool.get_status()
+        workers = stats["workers"]
+        finished = sum(w["tasks_succeeded"] + w["tasks_failed"] for w in workers)
+        busy_time = sum(
+            (w["average_processing_time"] or 0.0) * (w["tasks_succeeded"] + w["tasks_failed"]) for w in workers
+        )
+        rss = [w.get("rss_mb") for w in workers if w["state"] in ("idle", "busy")]
         return PoolMetrics(
             pool_id=self.pool_id,
-            status=self._status(),
-            active_workers=len(self._workers),
+            status=self._status,
+            active_workers=self._ready_workers(workers),
             total_workers=POOL_SIZE,
-            tasks_completed=self._pool.tasks_completed,
-            tasks_failed=self._pool.tasks_failed,
-            avg_task_duration=sum(w.processing_time for w in workers) / finished if finished else 0.0,
+            tasks_completed=stats["tasks_completed"],
+            tasks_failed=stats["tasks_failed"],
+            avg_task_duration=busy_time / finished if finished else 0.0,
             memory_usage_mb=float(sum(r for r in rss if r is not None)),
         )
 
     async def collect_memory(self) -> list[dict[str, Any]]:
-        """The records of tasks finished since the last call, oldest first (and forget them).
+        """The records of finished tasks, oldest first; reading them leaves them in place.
 
         Each is ``{"content": output or error text, "metadata": {"type": "pool_worker_execution",
         "pool_id", "pool_type", "worker_id", "status", "timestamp", "duration_seconds",
-        "task_id", "prompt", "error"}}``. At most MEMORY_LIMIT are kept between calls.
+        "task_id", "prompt", "error"}}``. The newest MEMORY_LIMIT are kept; none when the
+        config's ``memory_enabled`` is false.
         """
-        records = list(self._memory)
-        self._memory.clear()
-        return records
+        return [{"content": r["content"], "metadata": dict(r["metadata"])} for r in self._memory]
 
     def __repr__(self) -> str:
-        return f"<ProcPoolAdapter {self.pool_id!r} {self._status().value} pool={self._pool!r}>"
+        return f"<ProcPoolAdapter {self.pool_id!r} {self._status.value} pool={self._pool!r}>"
+
+
+# -- registering with Mahavishnu's PoolManager ---------------------------------------------------
+
+
+async def register_pool(manager: Any, pool: ProcPoolAdapter) -> str:
+    """Start ``pool`` and register it with Mahavishnu's ``PoolManager`` as its ``spawn_pool`` does.
+
+    It starts the pool, then fills the manager's ``_pools``, ``_pool_worker_counts`` and the heap
+    its least-loaded routing reads, persists the pool state when the manager has a state store,
+    publishes ``pool_created`` on its message bus and refreshes its worker metrics. From then on
+    the manager routes to, monitors, aggregates memory from and closes the pool like its own.
+
+    Args:
+        manager: a ``mahavishnu.pools.manager.PoolManager``.
+        pool: the adapter to start and register.
+
+    Returns:
+        The pool id.
+
+    Raises:
+        ValueError: the manager already has a pool with this id (nothing is started).
+        BrokenPool: the pool could not start (nothing is registered).
+    """
+    if pool.pool_id in manager._pools:
+        raise ValueError(f"the manager already has a pool {pool.pool_id!r}")
+    pool_id = await pool.start()
+    manager._pools[pool_id] = pool
+    count = len(pool._workers)
+    async with manager._heap_lock:
+        manager._pool_worker_counts[pool_id] = count
+        heapq.heappush(manager._worker_count_heap, (count, pool_id))
+    persist = getattr(manager, "_persist_pool_state", None)
+    if persist is not None:
+        await persist(pool_id, pool, "running")
+    config = pool.config
+    await manager.message_bus.publish(
+        {
+            "type": "pool_created",
+            "source_pool_id": pool_id,
+            "payload": {
+                "pool_id": pool_id,
+                "pool_type": config.pool_type,
+                "config": {"name": config.name, "min_workers": config.min_workers, "max_workers": config.max_workers},
+            },
+        }
+    )
+    refresh = getattr(manager, "_refresh_pool_worker_metrics", None)
+    if refresh is not None:
+        refresh()
+    log.info("procpool pool %s registered with %r", pool_id, manager)
+    return pool_id
+
+
+async def spawn_procpool(manager: Any, config: PoolConfigLike | None = None, **pool_options: Any) -> str:
+    """Create a [`ProcPoolAdapter`][] and [`register_pool`][] it: ``spawn_pool`` for procpool.
+
+    Args:
+        manager: a ``mahavishnu.pools.manager.PoolManager``.
+        config: its ``PoolConfig`` (default: a ``procpool`` config).
+        **pool_options: passed to [`ProcPoolAdapter`][] (``task_handler``, ``handler`` ...).
+
+    Returns:
+        The pool id.
+    """
+    return await register_pool(manager, ProcPoolAdapter(config, **pool_options))
+
+
+def _make_manager_class() -> type:
+    from mahavishnu.pools.manager import PoolManager as MahavishnuPoolManager
+
+    class ProcPoolManager(MahavishnuPoolManager):  # type: ignore[misc, valid-type]
+        """Mahavishnu's ``PoolManager`` that also spawns ``procpool`` pools.
+
+        ``spawn_pool("procpool", config)`` starts a [`ProcPoolAdapter`][] (with the default task
+        handler unless ``config.extra_config`` names one) and registers it; other pool types go
+        to Mahavishnu's own ``spawn_pool``. So Mahavishnu's ``pool_spawn`` MCP tool, given this
+        manager, creates procpool pools too.
+        """
+
+        async def spawn_pool(self, pool_type: str, config: Any) -> str:
+            if pool_type != POOL_TYPE:
+                return await super().spawn_pool(pool_type, config)
+            return await spawn_procpool(self, config)
+
+    ProcPoolManager.__module__ = __name__
+    ProcPoolManager.__qualname__ = "ProcPoolManager"
+    return ProcPoolManager
+
+
+_manager_class: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # ProcPoolManager is built on first use: importing Mahavishnu's PoolManager pulls in much
+    # more of Mahavishnu than BasePool does.
+    global _manager_class
+    if name == "ProcPoolManager":
+        if not MAHAVISHNU:
+            raise ImportError("ProcPoolManager needs Mahavishnu (pip install mahavishnu)")
+        if _manager_class is None:
+            _manager_class = _make_manager_class()
+        return _manager_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
