@@ -37,7 +37,11 @@ FRAGMENT_MARK = "<!-- fragment -->"
 # The blocks marked as fragments on purpose, by file and first line of code, and why.
 FRAGMENTS = {
     # Registers the adapter inside a running Mahavishnu (Python 3.13 and its many dependencies).
-    ("docs/embedding.md", "from mahavishnu.pools import PoolConfig"),
+    ("docs/embedding.md", "from mahavishnu.mcp.tools.pool_tools import register_pool_tools"),
+    # A module of task handlers that workers import, not a script.
+    ("docs/embedding.md", "# mypkg/tasks.py"),
+    # Runs inside a session-buddy server (Python 3.13 and its many dependencies).
+    ("docs/embedding.md", "from procpool.compat import session_buddy as compat"),
     # The module the MCP server imports a handler from, not a script.
     ("docs/mcp.md", "# mypkg/agents.py"),
 }
