@@ -52,7 +52,6 @@ class PoolLike(Protocol):
     """
 
     pool_id: str
-    task_timeout: float | None
 
     @property
     def workers(self) -> Sequence[WorkerLike]:
