@@ -458,8 +458,9 @@ class DaskPool:
                 kwargs["security"] = self.security
             if self.start_timeout is not None:
                 kwargs["timeout"] = self.start_timeout
+            self._client = client = distributed.Client(self.address, **kwargs)
             try:
-                self._client = await distributed.Client(self.address, **kwargs)
+                await client
             except (OSError, TimeoutError) as exc:
                 raise BrokenPool(f"cannot reach it: {type(exc).__name__}: {exc}") from exc
 

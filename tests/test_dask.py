@@ -1,0 +1,239 @@
+"""DaskPool behaviour beyond the shared contract (tests/test_pool_contract.py): its own cluster's
+lifecycle, a cluster started separately and reached by address, and the failures only a
+cluster has (a task never re-run, a lost scheduler, a worker that cannot import the handler).
+Everything runs on 127.0.0.1; every process a test starts is stopped by pid and checked gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import tasks
+from helpers import assert_gone, wait_until
+
+from procpool import POOL_SIZE, BrokenPool, PoolState, WorkerCrashed
+
+distributed = pytest.importorskip("distributed")
+from procpool.dask import DaskPool  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+TESTS = Path(__file__).resolve().parent
+# A separately started cluster may take a while to import dask on a loaded machine.
+CLUSTER_START_DEADLINE = 60.0
+# The dask command line, run by this interpreter (its venv has distributed).
+DASK = [sys.executable, "-m", "dask"]
+
+
+def _pids(pool: DaskPool) -> list[int]:
+    return [w.pid for w in pool.workers if w.pid is not None]
+
+
+async def _healthy(pool: DaskPool) -> None:
+    await wait_until(lambda: pool.health == "healthy" and len(_pids(pool)) == POOL_SIZE, timeout=60)
+
+
+class Cluster:
+    """A ``dask scheduler`` and a ``dask worker --nworkers 3 --nthreads 1``, started as subprocesses."""
+
+    def __init__(self, address: str, scheduler: subprocess.Popen[bytes], worker: subprocess.Popen[bytes]) -> None:
+        self.address = address
+        self.scheduler = scheduler
+        self.worker = worker
+
+
+@contextlib.contextmanager
+def separate_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Start a cluster the way an operator would (docs/scale-out.md), on 127.0.0.1; stop every process it made."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+        # As docs/scale-out.md tells operators: a task whose worker died is not run again.
+        "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
+    }
+    scheduler_file = tmp_path / "scheduler.json"
+    log = open(tmp_path / "cluster.log", "wb")  # noqa: SIM115 - closed in finally
+    procs: list[subprocess.Popen[bytes]] = []
+    seen: set[int] = set()
+    try:
+        common = {"env": env, "stdout": log, "stderr": subprocess.STDOUT, "cwd": tmp_path}
+        scheduler = subprocess.Popen(
+            [
+                *DASK,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--dashboard-address",
+                "127.0.0.1:0",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            **common,
+        )
+        procs.append(scheduler)
+        deadline = time.monotonic() + CLUSTER_START_DEADLINE
+        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+            assert scheduler.poll() is None, (tmp_path / "cluster.log").read_text()
+            assert time.monotonic() < deadline, "the scheduler did not write its file in time"
+            time.sleep(0.05)
+        address = json.loads(scheduler_file.read_text())["address"]
+        worker = subprocess.Popen(
+            [
+                *DASK,
+                "worker",
+                address,
+                "--nworkers",
+                "3",
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+                "--local-directory",
+                str(tmp_path),
+            ],
+            **common,
+        )
+        procs.append(worker)
+        yield Cluster(address, scheduler, worker)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                seen.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
+            seen.add(proc.pid)
+        # SIGKILL, by pid: a graceful stop of dask's worker command takes ~10 s, and nothing
+        # here needs it. The nannies' worker processes are killed by pid as well.
+        for pid in seen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for proc in procs:
+            proc.wait()
+        log.close()
+        assert_gone(sorted(seen))
+
+
+async def test_own_cluster_listens_on_loopback_and_is_closed_at_shutdown():
+    """Without an address the pool starts three one-thread workers on 127.0.0.1 and closes that cluster at shutdown."""
+    async with DaskPool("own") as pool:
+        address = pool.scheduler_address
+        assert address is not None and address.startswith("tcp://127.0.0.1:")
+        assert all(w.address.startswith("tcp://127.0.0.1:") for w in pool.workers)
+        pids = _pids(pool)
+        assert len(set(pids)) == POOL_SIZE
+        assert len({await pool.apply(tasks.slow_pid, (0.3,)) for _ in range(1)}) == 1
+    assert pool.state is PoolState.CLOSED
+    assert_gone(pids)
+    host, port = address.removeprefix("tcp://").split(":")
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=5):
+        pass
+
+
+async def test_a_task_whose_worker_died_is_not_run_again(tmp_path):
+    """A task that killed its worker fails with WorkerCrashed and ran exactly once: Dask did not retry it elsewhere."""
+    import dask_tasks
+
+    count = tmp_path / "runs"
+    async with DaskPool("once") as pool:
+        with pytest.raises(WorkerCrashed, match="was lost"):
+            await pool.apply(dask_tasks.count_then_die, (str(count),))
+        await _healthy(pool)
+        # Every worker runs a task after the death, so a retry queued anywhere would have run by now.
+        await asyncio.gather(*(pool.apply(tasks.slow_pid, (0.2,)) for _ in range(2 * POOL_SIZE)))
+        assert count.read_text() == "ran\n"
+        assert pool.get_status()["tasks_crashed"] == 1
+
+
+async def test_handler_a_worker_cannot_import_names_the_worker(tmp_path, monkeypatch):
+    """A handler the parent imports but the workers cannot makes initialize() raise BrokenPool naming the worker."""
+    module = tmp_path / "vanishing_handler.py"
+    module.write_text("def handle(prompt, context):\n    return prompt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pool = DaskPool("vanishing", handler="vanishing_handler:handle")  # checked here, in the parent
+    monkeypatch.delitem(sys.modules, "vanishing_handler")
+    module.unlink()
+    try:
+        with pytest.raises(BrokenPool, match=r"dask worker tcp://127\.0\.0\.1:\d+.*vanishing_handler"):
+            await pool.initialize()
+        assert pool.health == "broken"
+    finally:
+        await pool.shutdown()
+    assert pool.state is PoolState.CLOSED
+
+
+async def test_unreachable_scheduler_is_a_broken_pool():
+    """An address where no scheduler listens makes initialize() raise BrokenPool within its start_timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        pool = DaskPool("nowhere", address=f"tcp://127.0.0.1:{port}", start_timeout=3)
+        started = time.monotonic()
+        with pytest.raises(BrokenPool, match=f"127.0.0.1:{port}"):
+            await pool.initialize()
+        assert time.monotonic() - started < 30
+    await pool.shutdown()
+
+
+def test_bad_options_are_refused_at_construction():
+    """Options that cannot work fail when the pool is made, with the option's name in the message."""
+    with pytest.raises(ValueError, match="address"):
+        DaskPool(address="127.0.0.1:8786")
+    with pytest.raises(ValueError, match="workers"):
+        DaskPool(address="tcp://127.0.0.1:8786", workers=["a", "b"])
+    with pytest.raises(ValueError, match="address="):
+        DaskPool(workers=["a", "b", "c"])
+    with pytest.raises(ValueError, match="task_timeout"):
+        DaskPool(task_timeout=-1)
+
+
+async def test_pool_on_a_cluster_started_separately(tmp_path):
+    """A pool reached by address takes three workers, recovers a killed one, and leaves the cluster running."""
+    with separate_cluster(tmp_path) as cluster:
+        async with DaskPool("remote", address=cluster.address, handler="tasks:prompt_handler") as pool:
+            assert len({w.address for w in pool.workers}) == POOL_SIZE
+            assert await pool.execute("hi", {"n": 1}) == "HI:1"
+            with pytest.raises(WorkerCrashed):
+                await pool.apply(tasks.kill_self)
+            await _healthy(pool)
+            assert sorted(await asyncio.gather(*(pool.apply(tasks.square, (i,)) for i in range(6)))) == [
+                i * i for i in range(6)
+            ]
+        assert cluster.scheduler.poll() is None and cluster.worker.poll() is None
+        client = await distributed.Client(cluster.address, asynchronous=True, set_as_default=False)
+        try:
+            await asyncio.wait_for(client.wait_for_workers(POOL_SIZE), 60)
+        finally:
+            await client.close()
+
+
+async def test_losing_the_scheduler_fails_every_caller_with_broken_pool(tmp_path):
+    """When the scheduler dies, running and queued callers get BrokenPool in bounded time; new work is refused."""
+    with separate_cluster(tmp_path) as cluster:
+        pool = DaskPool("orphaned", address=cluster.address)
+        await pool.initialize()
+        try:
+            futures = [pool.submit(tasks.sleep_then, 60, i) for i in range(2 * POOL_SIZE)]
+            await wait_until(lambda: all(w.get_status()["tasks_in_flight"] for w in pool.workers))
+            cluster.scheduler.kill()
+            outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
+            assert all(isinstance(o, BrokenPool) for o in outcomes), outcomes
+            assert "lost the dask scheduler" in str(outcomes[0])
+            assert pool.state is PoolState.BROKEN and pool.health == "broken"
+            with pytest.raises(BrokenPool):
+                await pool.apply(tasks.square, (2,))
+        finally:
+            await asyncio.wait_for(pool.shutdown(timeout=0), 30)
