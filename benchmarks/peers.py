@@ -120,7 +120,7 @@ class ProcPool(Peer):
         await pool.shutdown(timeout=bound)
 
     def start_method(self) -> str:
-        return self.pool.start_method
+        return self.pool.config.start_method
 
     def worker_pids(self) -> list[int]:
         return [wk.pid for wk in self.pool.workers if wk.pid is not None]

@@ -8,9 +8,12 @@
 import logging as _logging
 
 from procpool._child import heartbeat
+from procpool._config import PoolConfig
 from procpool._manager import PoolManager, PoolSnapshot, Selector, get_pool_manager, prefer_healthy
-from procpool._pool import POOL_SIZE, PoolState, TaskReport, WorkerPool
-from procpool._worker import Worker
+from procpool._pool import POOL_SIZE, PoolState, WorkerPool
+from procpool._stats import Health, PoolStatistics, WorkerStatistics
+from procpool._task import TaskReport
+from procpool._worker import Worker, WorkerState
 from procpool.errors import (
     BrokenPool,
     MemoryLimitExceeded,
@@ -37,14 +40,17 @@ __all__ = (
     "POOL_SIZE",
     "BrokenPool",
     "Executor",
+    "Health",
     "MemoryLimitExceeded",
     "NoPoolAvailable",
     "PoolClosed",
+    "PoolConfig",
     "PoolFull",
     "PoolManager",
     "PoolNotFound",
     "PoolSnapshot",
     "PoolState",
+    "PoolStatistics",
     "ProcPoolError",
     "RemoteTraceback",
     "Selector",
@@ -55,6 +61,8 @@ __all__ = (
     "Worker",
     "WorkerCrashed",
     "WorkerPool",
+    "WorkerState",
+    "WorkerStatistics",
     "WorkerStuck",
     "__version__",
     "get_pool_manager",

@@ -9,10 +9,10 @@ started). ``serve`` only calls ``.get()``/``.put()``, so a test can drive it wit
 from __future__ import annotations
 
 import faulthandler
-import importlib
 import inspect
 import os
 import pickle
+import pkgutil
 import signal
 import sys
 import threading
@@ -22,14 +22,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from procpool import _messages as m
+from procpool._messages import BEAT, CANCEL, CANCEL_RING, CURRENT
 from procpool.errors import SerializationError
 
-# Layout of the shared state array (multiprocessing.RawArray("q", STATE_SIZE)).
-CURRENT = 0  # seq of the task running now, 0 when idle
-BEAT = 1  # time.monotonic_ns() of the task's start or its last heartbeat()
-CANCEL = 2  # CANCEL_RING slots: seq of a committed task cancelled before it started
-CANCEL_RING = 512
-STATE_SIZE = CANCEL + CANCEL_RING
 # prctl option: orphaned descendants are re-parented to this process instead of init (Linux).
 PR_SET_CHILD_SUBREAPER = 36
 # How often, at most, a subreaper worker reaps exited orphans between two tasks.
@@ -88,20 +83,9 @@ def run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], by
             if inspect.isawaitable(value):
                 value = _run_coroutine(value)
         except BaseException as exc:
-            return out, _error_payload(exc)
+            return out, m.encode_error(exc)
         out.append(value)
     return out, None
-
-
-def resolve(path: str) -> Callable[..., Any]:
-    """Import ``"package.module:function"`` and return the function."""
-    module_name, _, attr = path.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{path} is not callable")
-    return obj
 
 
 def _run_coroutine(coro: Any) -> Any:
@@ -111,20 +95,6 @@ def _run_coroutine(coro: Any) -> Any:
 
         _loop = asyncio.new_event_loop()
     return _loop.run_until_complete(coro)
-
-
-def _error_payload(exc: BaseException) -> bytes:
-    # Whatever the task's exception does when formatted or pickled (its __str__ or __reduce__
-    # may raise, even SystemExit), the worker survives and the parent gets an answer.
-    try:
-        tb = "".join(traceback.format_exception(exc))
-    except BaseException as err:
-        tb = f"{type(exc).__qualname__} (its traceback could not be formatted: {type(err).__qualname__})"
-    try:
-        exc_bytes: bytes | None = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
-    except BaseException:
-        exc_bytes = None
-    return pickle.dumps((type(exc).__qualname__, tb, exc_bytes), pickle.HIGHEST_PROTOCOL)
 
 
 def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
@@ -163,7 +133,7 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
                     f"the task's result ({type(result).__qualname__}) could not be pickled: {exc!r}"
                 ) from exc
         except BaseException as exc:
-            reply = m.body(seq, m.ERROR, _error_payload(exc))
+            reply = m.body(seq, m.ERROR, m.encode_error(exc))
         fn = args = kwargs = result = None  # drop references before blocking again
         result_queue.put(reply)
         # Cleared only after the reply is out: a worker that dies before this point is judged to
@@ -295,7 +265,7 @@ def main(
     results = ConnectionQueue(result_conn)
     try:
         if handler_path is not None:
-            _handler = resolve(handler_path)
+            _handler = pkgutil.resolve_name(handler_path)
         if initializer is not None:
             initializer(*initargs)
     except BaseException:

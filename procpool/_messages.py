@@ -1,4 +1,4 @@
-"""What crosses the pipes between the parent and one worker, and how it is framed.
+"""What crosses between the parent and one worker: framed messages, calls, errors, shared state.
 
 Every message is one frame of ``multiprocessing.connection.Connection``'s wire format (a
 big-endian ``!i`` length, or ``-1`` then a ``!Q`` length for huge bodies), so the child reads and
@@ -14,9 +14,23 @@ instances, and this is the hot path.
 
 from __future__ import annotations
 
+import pickle
 import struct
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from procpool.errors import RemoteTraceback, SerializationError
 
 __all__ = ()
+
+# Layout of the small array each worker shares with the parent
+# (multiprocessing.RawArray("q", STATE_SIZE)); the parent reads it without a round trip.
+CURRENT = 0  # seq of the task running now, 0 when idle
+BEAT = 1  # time.monotonic_ns() of the task's start or its last heartbeat()
+CANCEL = 2  # CANCEL_RING slots: seq of a committed task cancelled before it started
+CANCEL_RING = 512
+STATE_SIZE = CANCEL + CANCEL_RING
 
 # parent -> child
 CALL = 1  # payload: pickle of (fn, args, kwargs)
@@ -75,3 +89,63 @@ class FrameReader:
             start += head + n
         del buf[:start]
         return bodies
+
+
+def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickle a call in the caller, so a bad argument fails there and nothing is sent."""
+    try:
+        return pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        culprit = _find_unpicklable(fn, args, kwargs)
+        hint = ""
+        if culprit.startswith("the function"):
+            hint = " (functions must be defined at module level, so the worker can import them)"
+        raise SerializationError(f"cannot send the task to a worker: {culprit} cannot be pickled{hint}: {exc}") from exc
+
+
+def _find_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    candidates: list[tuple[str, Any]] = [(f"the function {fn!r}", fn)]
+    candidates += [(f"argument {i} ({type(a).__qualname__})", a) for i, a in enumerate(args)]
+    candidates += [(f"keyword argument {k!r} ({type(v).__qualname__})", v) for k, v in kwargs.items()]
+    for label, obj in candidates:
+        try:
+            pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return label
+    return "the call"
+
+
+def encode_error(exc: BaseException) -> bytes:
+    """An ERROR payload: the exception's type name, its traceback text, and its pickle if it has one.
+
+    Whatever the exception does when formatted or pickled (its ``__str__`` or ``__reduce__`` may
+    raise, even SystemExit), the worker survives and the parent gets an answer.
+    """
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except BaseException as err:
+        tb = f"{type(exc).__qualname__} (its traceback could not be formatted: {type(err).__qualname__})"
+    try:
+        exc_bytes: bytes | None = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+    except BaseException:
+        exc_bytes = None
+    return pickle.dumps((type(exc).__qualname__, tb, exc_bytes), pickle.HIGHEST_PROTOCOL)
+
+
+def decode_error(payload: bytes) -> BaseException:
+    """Rebuild a task's exception from an ERROR payload, the remote traceback as its cause."""
+    name, tb, exc_bytes = pickle.loads(payload)
+    exc: BaseException
+    if exc_bytes is None:
+        exc = SerializationError(f"the task raised {name}, which could not be pickled; see the cause")
+    else:
+        try:
+            exc = pickle.loads(exc_bytes)
+            if not isinstance(exc, BaseException):
+                raise TypeError(f"it unpickled as {type(exc).__qualname__}")
+        except BaseException as err:  # unpickling runs the sender's code: SystemExit included
+            exc = SerializationError(
+                f"the task raised {name}, which could not be unpickled in the parent ({err!r}); see the cause"
+            )
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc

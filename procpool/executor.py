@@ -376,7 +376,7 @@ class _Core:
             gap = now - max(slot.last_done, slot.busy_since)
             slot.gap = avg = gap if slot.gap is None else slot.gap + 0.1 * (gap - slot.gap)
             slot.limit = POOL_SIZE + (MAX_AHEAD if avg <= 0 else min(MAX_AHEAD, int(AHEAD_SECONDS / avg)))
-            limit = slot.pool.max_pending
+            limit = slot.pool.config.max_pending
             if slot.limit > limit:
                 slot.limit = limit
         slot.last_done = now
@@ -494,7 +494,7 @@ class Executor(concurrent.futures.Executor):
         # (TypeError/ValueError) rather than breaking the executor later.
         probe = WorkerPool("executor-options-check", **options)
         self._max_workers = pools * POOL_SIZE
-        self._mp_context = multiprocessing.get_context(probe.start_method)
+        self._mp_context = multiprocessing.get_context(probe.config.start_method)
         self._core = core = _Core(f"procpool-executor-{next(_executor_numbers)}", pools, options)
         _cores.add(core)
         core.thread.start()

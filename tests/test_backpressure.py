@@ -23,25 +23,22 @@ async def test_many_waiters_for_a_small_queue_finish_in_linear_time():
         assert pool.load == 0
 
 
-class _RecordingPool(WorkerPool):
-    """Records the argument of every task in the order the pool queues it."""
-
-    queued: list[object]
-
-    def _submit(self, payload: bytes, timeout: float | None):  # type: ignore[override]
-        self.queued.append(pickle.loads(payload)[1][0])
-        return super()._submit(payload, timeout)
-
-
 async def test_a_late_caller_queues_behind_the_waiting_ones(tmp_path):
     """A caller arriving while others wait for room gets its place after them, not before."""
     barrier = tmp_path / "go"
-    pool = _RecordingPool(max_pending=1)
-    pool.queued = []
+    pool = WorkerPool(max_pending=1)
+    queued: list[object] = []
+    submit = pool._tasks.submit
+
+    def recording_submit(payload: bytes, timeout: float | None):
+        queued.append(pickle.loads(payload)[1][0])  # the argument of every task, in queue order
+        return submit(payload, timeout)
+
+    pool._tasks.submit = recording_submit  # type: ignore[method-assign]
     async with pool:
         blockers = [pool.submit(tasks.wait_for_file, str(barrier)) for _ in range(4)]  # 3 run, 1 waits
         early = [asyncio.ensure_future(pool.apply(attacks.ident, (i,))) for i in range(5)]
-        while len(pool._room_waiters) < 5:
+        while len(pool._tasks.room_waiters) < 5:
             await asyncio.sleep(0)
         late = asyncio.ensure_future(pool.apply(attacks.ident, (99,)))
         await asyncio.sleep(0)
@@ -49,7 +46,7 @@ async def test_a_late_caller_queues_behind_the_waiting_ones(tmp_path):
             pool.submit(attacks.ident, 0)
         barrier.touch()
         await asyncio.wait_for(asyncio.gather(*blockers, *early, late), 30)
-        assert pool.queued[4:] == [0, 1, 2, 3, 4, 99]
+        assert queued[4:] == [0, 1, 2, 3, 4, 99]
 
 
 async def test_a_cancelled_waiter_passes_its_place_on(tmp_path):
@@ -59,7 +56,7 @@ async def test_a_cancelled_waiter_passes_its_place_on(tmp_path):
         blockers = [pool.submit(tasks.wait_for_file, str(barrier)) for _ in range(4)]
         first = asyncio.ensure_future(pool.apply(attacks.ident, (1,)))
         second = asyncio.ensure_future(pool.apply(attacks.ident, (2,)))
-        while len(pool._room_waiters) < 2:
+        while len(pool._tasks.room_waiters) < 2:
             await asyncio.sleep(0)
         barrier.touch()
         # Cancel the first waiter right after the room it was given appears.
@@ -67,4 +64,4 @@ async def test_a_cancelled_waiter_passes_its_place_on(tmp_path):
         first.cancel()
         assert await asyncio.wait_for(second, 30) == 2
         await asyncio.gather(*blockers)
-        assert pool._room_granted == 0 and not pool._room_waiters
+        assert pool._tasks.room_granted == 0 and not pool._tasks.room_waiters

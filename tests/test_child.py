@@ -11,7 +11,7 @@ import tasks
 
 from procpool import _child
 from procpool import _messages as m
-from procpool._worker import decode_error
+from procpool._messages import decode_error
 from procpool.errors import SerializationError
 
 
@@ -24,7 +24,7 @@ def run(*bodies: bytes, state=None) -> list[tuple[int, int, bytes]]:
     results: queue.Queue = queue.Queue()
     for b in (*bodies, m.body(0, m.EXIT)):
         calls.put(b)
-    state = state if state is not None else [0] * _child.STATE_SIZE
+    state = state if state is not None else [0] * m.STATE_SIZE
     _child.serve(calls, results, state)
     out = []
     while not results.empty():
@@ -51,8 +51,8 @@ def test_serve_reports_errors_with_their_traceback_and_keeps_going():
 
 def test_serve_skips_calls_cancelled_before_they_start():
     """A seq marked in the cancel ring is answered SKIPPED and not run."""
-    state = [0] * _child.STATE_SIZE
-    state[_child.CANCEL + 1] = 1
+    state = [0] * m.STATE_SIZE
+    state[m.CANCEL + 1] = 1
     replies = run(call(1, tasks.square, 3), call(2, tasks.square, 4), state=state)
     assert [(s, k) for s, k, _ in replies] == [(1, m.SKIPPED), (2, m.OK)]
 

@@ -61,20 +61,20 @@ async def test_the_fork_servers_death_costs_no_task(tmp_path, kill_a_worker_too)
             crashed = [r for r in results if isinstance(r, WorkerCrashed)]
             assert [r.pid for r in crashed] == [victim_pid], results
             assert sorted(r for r in results if isinstance(r, int)) == sorted(before - {victim_pid})
-            assert pool.tasks_crashed == 1
+            assert pool.statistics().tasks_crashed == 1
         else:
             assert all(isinstance(r, int) for r in results), results
             assert sorted(results) == sorted(before)
             assert {w.pid for w in pool.workers} == before
-            assert pool.tasks_crashed == 0
+            assert pool.statistics().tasks_crashed == 0
             # A worker that dies after the server did is replaced, and costs only its task.
             fut = pool.submit(tasks.kill_self)
             with pytest.raises(WorkerCrashed):
                 await fut
-            assert pool.tasks_crashed == 1
+            assert pool.statistics().tasks_crashed == 1
         await all_healthy(pool)
-        assert pool._start_failures == 0
-        assert pool.workers_restarted == 1
+        assert pool._supervisor._start_failures == 0
+        assert pool.statistics().workers_restarted == 1
         assert await pool.apply(tasks.square, (7,)) == 49
         assert _server_pid() != server
         await wait_until(lambda: not psutil.pid_exists(server))  # reaped, not left a zombie
@@ -88,14 +88,14 @@ async def test_a_crash_the_monitor_sees_first_keeps_its_exit_code(tmp_path):
         await wait_until(lambda: _running(pool, 1))
         worker = next(w for w in pool.workers if w.in_flight)
         looks = 0
-        check = pool._check_worker
+        check = pool._monitor.check
 
         def counting_check(w):
             nonlocal looks
             looks += w is worker
             check(w)
 
-        pool._check_worker = counting_check  # type: ignore[method-assign]
+        pool._monitor.check = counting_check  # type: ignore[method-assign]
         # A stopped fork server cannot reap the worker: it stays a zombie, seen by the monitor.
         server = psutil.Process(_server_pid())
         server.suspend()
@@ -109,7 +109,7 @@ async def test_a_crash_the_monitor_sees_first_keeps_its_exit_code(tmp_path):
         with pytest.raises(WorkerCrashed) as info:
             await future
         assert info.value.exitcode == 3, str(info.value)
-        assert pool.tasks_crashed == 1
+        assert pool.statistics().tasks_crashed == 1
         await all_healthy(pool)
 
 

@@ -17,7 +17,7 @@ import pytest
 import tasks
 from helpers import all_healthy, assert_gone, pids_of, wait_until
 
-import procpool._pool
+import procpool._monitor
 from procpool import (
     BrokenPool,
     MemoryLimitExceeded,
@@ -138,7 +138,7 @@ async def test_memory_over_the_limit_after_a_task_recycles_the_worker(monkeypatc
     """A worker whose RSS passes max_memory_mb after a task is replaced; the task itself succeeds."""
     # Only the after-task check may act here: a monitor sample landing while a slow machine is
     # still filling the memory would (rightly) fail the task instead; the next test pins that.
-    monkeypatch.setattr(procpool._pool, "MONITOR_INTERVAL", 3600.0)
+    monkeypatch.setattr(procpool._monitor, "MONITOR_INTERVAL", 3600.0)
     async with WorkerPool(max_memory_mb=150) as pool:
         pid = await pool.apply(tasks.hold_memory, (200,))
         await wait_until(lambda: pid not in pids_of(pool))
@@ -317,7 +317,7 @@ async def test_a_slot_that_cannot_start_a_process_breaks_the_pool_instead_of_han
 
     async with WorkerPool() as pool:
 
-        def refuse(self):
+        def refuse(self, launch):
             raise OSError(24, "Too many open files")
 
         monkeypatch.setattr(Worker, "spawn", refuse)  # the OS refusing cannot be had on demand

@@ -14,7 +14,7 @@ import pytest
 import tasks
 from helpers import assert_gone, pids_of, wait_until
 
-import procpool._pool
+import procpool._supervisor
 from procpool import BrokenPool, WorkerCrashed, WorkerPool, WorkerStuck
 
 pytestmark = pytest.mark.anyio
@@ -50,7 +50,7 @@ async def test_start_timeout_is_checked():
 
 async def test_a_recycled_worker_left_with_a_non_daemon_thread_is_killed_and_refilled(monkeypatch):
     """A worker that cannot exit after recycling (a stray non-daemon thread) is killed and its slot refilled."""
-    monkeypatch.setattr(procpool._pool, "RETIRE_GRACE", 0.5)
+    monkeypatch.setattr(procpool._supervisor, "RETIRE_GRACE", 0.5)
     async with WorkerPool(max_tasks_per_worker=1) as pool:
         old = await asyncio.wait_for(pool.apply(attacks.leave_thread, (120,)), 30)
         await wait_until(lambda: old not in pids_of(pool) and all(w.state == "idle" for w in pool.workers))

@@ -1,0 +1,298 @@
+"""The task side of a pool: the pending queue, room for callers, dispatch, timeouts, cancellation.
+
+Like pebble's task manager, the [`Dispatcher`][procpool._dispatch.Dispatcher] registers tasks,
+hands them to ready workers, times them out and resolves their futures; it never starts or reaps
+a process (a timeout or a cancellation of a running task asks the worker's slot to kill it).
+
+Topology::
+
+    submit -> pending (deque, <= max_pending) -> dispatch --call pipe i--> worker i
+    callers waiting for room: a FIFO of futures, one woken per place that frees up
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from procpool._config import PoolConfig
+from procpool._messages import CANCEL_RING
+from procpool._monitor import KILL_GRACE
+from procpool._stats import Counters
+from procpool._task import Task, TaskFuture, TaskState
+from procpool._worker import Worker, WorkerState
+from procpool.errors import PoolFull, TaskTimeout, task_error
+
+__all__ = ("Dispatcher",)
+
+log = logging.getLogger("procpool.pool")
+
+# How much queued work (in seconds of measured task time) a worker may hold beyond the task it
+# runs. Tiny tasks then travel many per syscall; tasks over ~2 ms are sent one at a time, so a
+# slow task never holds up work that another worker could take.
+PREFETCH_SECONDS = 0.002
+# Tasks in one worker's pipe at most: the child's cancel ring must be able to hold them all.
+MAX_WINDOW = CANCEL_RING // 2
+
+
+class Dispatcher:
+    """Tasks from submission to resolution, for one pool's workers."""
+
+    def __init__(
+        self,
+        pool_id: str,
+        config: PoolConfig,
+        workers: Sequence[Worker],
+        counters: Counters,
+        recycle: Callable[[Worker, str], None],
+    ) -> None:
+        self.pool_id = pool_id
+        self._config = config
+        self._workers = workers
+        self._counters = counters
+        self._recycle = recycle
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Tasks waiting for a worker, oldest first.
+        self.pending: collections.deque[Task] = collections.deque()
+        self._ids = itertools.count(1)
+        self._dispatch_scheduled = False
+        # Whether dispatch may send work (the pool is RUNNING).
+        self.open = False
+        # Callers waiting for room in the pending queue, woken one per free place, oldest first;
+        # room_granted counts the woken ones that have not submitted yet (their place is taken).
+        self.room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.room_granted = 0
+        # Smoothed task duration, for the prefetch window.
+        self._avg_duration: float | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(w.in_flight) for w in self._workers)
+
+    # -- room ------------------------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        """Whether a sync submit may queue a task now (never ahead of callers waiting in line)."""
+        return not self.room_waiters and len(self.pending) + self.room_granted < self._config.max_pending
+
+    def check_room(self) -> None:
+        if not self.has_room():
+            raise PoolFull(
+                f"pool {self.pool_id!r} has {len(self.pending)} tasks waiting (max_pending); "
+                "await pool.apply() to wait for room instead"
+            )
+
+    async def wait_for_room(self) -> None:
+        """Wait in line until the pending queue has a place for one more task."""
+        if self.has_room():
+            return
+        # One waiter is woken per place that frees up, so 10,000 waiters cost 10,000 wake-ups,
+        # not 10,000 per freed place.
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self.room_waiters.append(waiter)
+        self.update_room()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.room_granted -= 1  # woken, then cancelled: pass the place on
+                self.update_room()
+            else:
+                self.room_waiters.remove(waiter)
+            raise
+        self.room_granted -= 1
+        if self.room_waiters:
+            # Our task may go straight to an idle worker and leave the queue's place free: after
+            # it is submitted (this step), let the next waiter see whether there is room.
+            self._loop.call_soon(self.update_room)
+
+    def update_room(self) -> None:
+        """Wake as many callers waiting for room as the pending queue has free places, FIFO."""
+        waiters = self.room_waiters
+        free = self._config.max_pending - len(self.pending) - self.room_granted
+        while waiters and free > 0:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self.room_granted += 1
+                free -= 1
+
+    def wake_all(self) -> None:
+        """Wake every caller waiting for room (the pool is closing or broken: they will see it)."""
+        while self.room_waiters:
+            waiter = self.room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self.room_granted += 1
+
+    # -- submission and dispatch -------------------------------------------------------------------
+
+    def submit(self, payload: bytes, timeout: float | None) -> Task:
+        """Queue a task (the caller checked the pool is open and that there is room)."""
+        loop = self._loop
+        assert loop is not None
+        future = TaskFuture(loop=loop)
+        task = Task(next(self._ids), payload, future, timeout, time.monotonic())
+        future.on_cancel = functools.partial(self._on_cancel, task)
+        self._counters.tasks_submitted += 1
+        pending = self.pending
+        if not pending and self.open:
+            # Fast path for latency: an idle worker takes the task right now.
+            for worker in self._workers:
+                if worker.state is WorkerState.IDLE and not worker.in_flight:
+                    self._send(worker, [task])
+                    return task
+        pending.append(task)
+        self.schedule()
+        return task
+
+    def schedule(self) -> None:
+        """Dispatch pending tasks at the next loop step (once, however often asked)."""
+        if self.pending and not self._dispatch_scheduled:
+            assert self._loop is not None
+            self._dispatch_scheduled = True
+            self._loop.call_soon(self.dispatch)
+
+    def _window(self) -> int:
+        avg = self._avg_duration
+        if avg is None:
+            return 1  # nothing measured yet: assume tasks are long
+        return max(1, min(MAX_WINDOW, int(PREFETCH_SECONDS / avg) + 1)) if avg > 0 else MAX_WINDOW
+
+    def dispatch(self) -> None:
+        """Hand pending tasks to ready workers, spreading them evenly, one write per worker."""
+        self._dispatch_scheduled = False
+        pending = self.pending
+        if not pending or not self.open:
+            self.update_room()
+            return
+        window = self._window()
+        ready = [w for w in self._workers if w.state in _TAKES_WORK and len(w.in_flight) < window]
+        ready.sort(key=lambda w: len(w.in_flight))
+        limit = self._config.max_tasks_per_worker
+        for i, worker in enumerate(ready):
+            if not pending:
+                break
+            share = -(-len(pending) // (len(ready) - i))
+            take = min(share, window - len(worker.in_flight))
+            if limit is not None:
+                take = min(take, limit - worker.sent_count)
+            batch = [pending.popleft() for _ in range(min(take, len(pending)))]
+            if batch:
+                self._send(worker, batch)
+        self.update_room()
+
+    def _send(self, worker: Worker, batch: list[Task]) -> None:
+        worker.send(batch)
+        self.arm_head(worker)
+        limit = self._config.max_tasks_per_worker
+        if limit is not None and worker.sent_count >= limit:
+            self._recycle(worker, f"it has run {limit} tasks (max_tasks_per_worker)")
+
+    def requeue(self, tasks: list[Task]) -> None:
+        """Put tasks that never started back at the front of the queue, in their order."""
+        for task in tasks:
+            task.state = TaskState.PENDING
+            task.slot = None
+        self.pending.extendleft(reversed(tasks))
+        self.schedule()
+
+    # -- outcomes ----------------------------------------------------------------------------------
+
+    def resolve(self, task: Task, ok: bool, value: Any) -> None:
+        """Resolve a task's future once, and count the outcome."""
+        task.state = TaskState.DONE
+        if task.timer is not None:
+            task.timer.cancel()
+            task.timer = None
+        future = task.future
+        if future.done():
+            return
+        if ok:
+            self._counters.tasks_completed += 1
+            future.set_result(value)
+        else:
+            self._counters.tasks_failed += 1
+            # A task's StopIteration or SystemExit must reach its caller as a failure, never as
+            # a TypeError from asyncio here (which would strand this future and the results read
+            # after it) nor as an exit of the caller.
+            future.set_exception(task_error(value))
+
+    def finished(self, task: Task, ok: bool, value: Any, duration: float | None) -> None:
+        """A worker ran the task: record its duration and resolve it."""
+        task.duration = duration
+        if duration is not None:
+            self._counters.latencies.append(duration)
+            avg = self._avg_duration
+            self._avg_duration = duration if avg is None else avg + 0.1 * (duration - avg)
+        self.resolve(task, ok, value)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every task the pool holds, queued or in a worker."""
+        while self.pending:
+            self.resolve(self.pending.popleft(), False, error)
+        for worker in self._workers:
+            for task in worker.in_flight:
+                self.resolve(task, False, error)
+
+    # -- timeouts and cancellation -----------------------------------------------------------------
+
+    def arm_head(self, worker: Worker) -> None:
+        """Start the run-time clock of the task the worker runs now, if it has a limit."""
+        if worker.in_flight and worker.state is not WorkerState.DEAD:
+            head = worker.in_flight[0]
+            if head.timeout is not None and head.timer is None:
+                assert self._loop is not None
+                head.timer = self._loop.call_later(head.timeout, self._on_timeout, worker, head)
+
+    def _on_timeout(self, worker: Worker, task: Task) -> None:
+        task.timer = None
+        if task.state is not TaskState.SENT or task.slot != worker.index or task.future.done():
+            return
+        self._counters.tasks_timed_out += 1
+        error = TaskTimeout(task.timeout or 0.0, worker.pid)
+        log.warning(
+            "task %s timed out after %s s on worker %s (pid %s); replacing the worker",
+            task.id,
+            task.timeout,
+            worker.worker_id,
+            worker.pid,
+        )
+        self.resolve(task, False, error)
+        worker.kill(error, KILL_GRACE)
+
+    def _on_cancel(self, task: Task) -> None:
+        """A caller cancels a task's future: drop it if it has not started, else kill its worker."""
+        self._counters.tasks_cancelled += 1
+        if task.state is TaskState.PENDING:
+            try:
+                self.pending.remove(task)
+            except ValueError:
+                pass
+            task.state = TaskState.DONE
+            self.update_room()
+        elif task.state is TaskState.SENT and task.slot is not None:
+            worker = self._workers[task.slot]
+            if worker.is_running(task):
+                log.info(
+                    "task %s cancelled while running; replacing worker %s (pid %s)",
+                    task.id,
+                    worker.worker_id,
+                    worker.pid,
+                )
+                worker.kill(None, KILL_GRACE)
+            else:
+                worker.cancel_unstarted(task)
+
+
+_TAKES_WORK = (WorkerState.IDLE, WorkerState.BUSY)

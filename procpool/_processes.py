@@ -1,0 +1,283 @@
+"""Worker processes at the level of the operating system: start arguments, liveness, kills.
+
+Nothing here knows about tasks or pools. It holds what the parent needs to start a worker
+process that cannot outlive it (the lifeline), to tell a worker's death from its fork server's
+(pidfd, sentinel at end of file), to hand a worker an anonymous file, and to kill a process tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import multiprocessing.connection
+import multiprocessing.forkserver
+import multiprocessing.reduction
+import os
+import select
+import signal
+import sys
+import tempfile
+import termios
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import psutil
+
+from procpool import _child
+
+__all__ = ("Launch",)
+
+
+@attrs.frozen
+class Launch:
+    """What a worker process is started with: shared by a pool's three slots."""
+
+    ctx: Any
+    loop: asyncio.AbstractEventLoop
+    handler: str | None
+    initializer: Callable[..., Any] | None
+    initargs: tuple[Any, ...]
+
+
+_lifeline: Any = None
+_lifeline_write_fd = -1
+
+
+def lifeline() -> Any:
+    """The read end of a pipe whose write end only this process holds, for workers to watch.
+
+    It reads EOF when this process dies, however it dies. multiprocessing's own parent sentinel
+    cannot serve: under forkserver every child also holds the server's liveness pipe, so the
+    server and its children keep each other alive after the parent is gone. The write end is
+    close-on-exec (os.pipe's default) and closed in any plain fork of this process (a fork-context
+    multiprocessing.Process, os.fork), so no helper of the parent keeps the workers alive.
+    """
+    global _lifeline, _lifeline_write_fd
+    if _lifeline is None:
+        read_fd, _lifeline_write_fd = os.pipe()  # the write end stays open, unused, until we exit
+        os.set_inheritable(_lifeline_write_fd, False)
+        _lifeline = multiprocessing.connection.Connection(read_fd, writable=False)
+    return _lifeline
+
+
+def _drop_lifeline_in_child() -> None:
+    """After a plain fork: let go of the parent's lifeline; a pool made here makes its own."""
+    global _lifeline, _lifeline_write_fd
+    if _lifeline_write_fd >= 0:
+        try:
+            os.close(_lifeline_write_fd)
+        except OSError:
+            pass
+        _lifeline_write_fd = -1
+    if _lifeline is not None:
+        try:
+            _lifeline.close()
+        except OSError:
+            pass
+        _lifeline = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_lifeline_in_child)
+
+
+def anonymous_file() -> int | None:
+    """A file with no name, freed by the kernel with its last descriptor: nothing is left on
+    disk when the parent is killed. memfd where there is one, else an unlinked temporary file."""
+    try:
+        return os.memfd_create("procpool-stack")
+    except (AttributeError, OSError):
+        pass
+    try:
+        with tempfile.TemporaryFile() as f:
+            return os.dup(f.fileno())
+    except OSError:  # pragma: no cover - no writable temporary directory
+        return None
+
+
+class PassFd:
+    """An open file descriptor among a worker's Process arguments; the child receives an int
+    naming the same open file (multiprocessing passes it like a Pipe's descriptors)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_received_fd, (multiprocessing.reduction.DupFd(self.fd),))
+
+
+def _received_fd(dup: Any) -> int:
+    return int(dup.detach())
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A file descriptor that reads ready when ``pid`` exits, whoever its parent is (Linux 5.3+)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def at_eof(fd: int) -> bool:
+    """Whether a readable pipe is at end of file, without consuming what it holds."""
+    try:
+        pending = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return int.from_bytes(pending, sys.byteorder) == 0
+
+
+def fork_server_pid() -> int | None:
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    return getattr(server, "_forkserver_pid", None)
+
+
+def forget_fork_server(pid: int | None, loop: Any) -> bool:
+    """Make multiprocessing start a new fork server on the next start.
+
+    ``ensure_running()`` restarts a server only once ``waitpid`` shows it dead, and a server that
+    has just closed its socket is not a zombie yet: a start in that moment fails with
+    ConnectionRefusedError. Forget the server (``pid``, or whichever it is when None) as
+    ``ensure_running()`` does for a dead one, and reap it from the loop without blocking.
+    """
+    server: Any = getattr(multiprocessing.forkserver, "_forkserver", None)
+    lock = getattr(server, "_lock", None)
+    if lock is None:  # pragma: no cover - another multiprocessing
+        return False
+    with lock:
+        current = getattr(server, "_forkserver_pid", None)
+        if current is None or (pid is not None and current != pid):
+            return False
+        alive_fd = server._forkserver_alive_fd
+        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
+    if alive_fd is not None:
+        os.close(alive_fd)
+    _reap_server(current, loop, 0.001, time.monotonic() + 60)
+    return True
+
+
+def _reap_server(pid: int, loop: Any, delay: float, deadline: float) -> None:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return
+    if not done and time.monotonic() < deadline:
+        loop.call_later(delay, _reap_server, pid, loop, min(delay * 2, 1.0), deadline)
+
+
+def start_worker(launch: Launch, shared: Any, name: str) -> tuple[Any, Any, Any, int | None]:
+    """Start a worker process; return it, the parent's ends of its call and result pipes, and
+    the anonymous file its faulthandler writes stacks to (None where none could be made)."""
+    ctx = launch.ctx
+    call_r, call_w = ctx.Pipe(duplex=False)
+    result_r, result_w = ctx.Pipe(duplex=False)
+    stack_fd = anonymous_file()
+    process = ctx.Process(
+        target=_child.main,
+        args=(
+            call_r,
+            result_w,
+            shared,
+            launch.handler,
+            launch.initializer,
+            launch.initargs,
+            None if stack_fd is None else PassFd(stack_fd),
+            lifeline(),
+        ),
+        name=name,
+    )
+    try:
+        try:
+            process.start()
+        except (ConnectionRefusedError, FileNotFoundError):
+            # The fork server died a moment ago; multiprocessing still trusts it until the
+            # kernel has made it a zombie. Forget it, so that a new one starts now.
+            if ctx.get_start_method() != "forkserver" or not forget_fork_server(None, launch.loop):
+                raise
+            process.start()
+    except BaseException:
+        call_w.close()
+        result_r.close()
+        if stack_fd is not None:
+            os.close(stack_fd)
+        raise
+    finally:
+        call_r.close()
+        result_w.close()
+    return process, call_w, result_r, stack_fd
+
+
+def descendants(pid: int | None) -> list[psutil.Process]:
+    """Every live process below ``pid`` (a worker's tasks' processes), or [] when it is gone."""
+    if pid is None:
+        return []  # psutil.Process(None) would be this very process
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def kill_group(pid: int, sig: int = signal.SIGKILL) -> bool:
+    """Signal the process group ``pid`` leads, or the process alone; False if neither exists."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            continue
+    return False
+
+
+def signal_all(procs: list[psutil.Process], sig: int) -> None:
+    """Signal each process, ignoring those already gone."""
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def sample(proc: psutil.Process) -> tuple[str, int, float] | None:
+    """psutil status, RSS bytes and CPU seconds of a process; None if it is gone."""
+    try:
+        with proc.oneshot():
+            times = proc.cpu_times()
+            return proc.status(), proc.memory_info().rss, times.user + times.system
+    except psutil.Error:
+        return None
+
+
+def resources(probe: psutil.Process | None) -> dict[str, Any]:
+    """RSS in MB, CPU seconds and psutil status of a process (None when unknown)."""
+    if probe is None:
+        return {"rss_mb": None, "cpu_seconds": None, "process_status": None}
+    figures = sample(probe)
+    if figures is None:
+        return {"rss_mb": None, "cpu_seconds": None, "process_status": "gone"}
+    status, rss, cpu = figures
+    return {"rss_mb": round(rss / 2**20, 1), "cpu_seconds": round(cpu, 3), "process_status": status}
+
+
+def tree_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of the processes below ``proc``: the live ones and those it has reaped."""
+    try:
+        times = proc.cpu_times()
+        total: float = times.children_user + times.children_system
+        children = proc.children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    for child in children:
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
