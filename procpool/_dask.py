@@ -47,8 +47,7 @@ import attrs
 import cloudpickle
 import distributed
 
-from procpool import _dask_worker
-from procpool._pool import POOL_SIZE, PoolState, TaskReport
+from procpool import POOL_SIZE, PoolState, TaskReport, _dask_worker
 from procpool._progress import ProgressArg, make_progress
 from procpool.errors import (
     BrokenPool,
@@ -275,7 +274,7 @@ class DaskPool:
         handler: what ``execute`` runs: ``"package.module:function"`` (or a module-level
             function), checked here and imported by each Dask worker at start.
         task_timeout: default run-time limit in seconds for every task (None: no limit). Past
-            it the task fails with [`TaskTimeout`][procpool.TaskTimeout] and its worker is
+            it the task fails with [`TaskTimeout`][] and its worker is
             killed, so the work really stops; the worker's nanny starts a fresh one.
         address: the scheduler of a running cluster (``"tcp://host:port"``, or ``"tls://..."``);
             None starts a local cluster.
@@ -498,7 +497,7 @@ class DaskPool:
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Refuse new work, let running tasks finish until ``timeout``, then stop.
 
-        Tasks that never started fail with [`PoolClosed`][procpool.PoolClosed]; tasks still
+        Tasks that never started fail with [`PoolClosed`][]; tasks still
         running at the deadline fail with it too and their workers are killed (a remote
         cluster's nannies replace them). A local cluster is closed; a remote one is left running.
 
@@ -636,7 +635,7 @@ class DaskPool:
         Raises:
             RuntimeError: the pool has no handler.
             ImportError: the worker cannot import the handler (the message names the worker).
-            Exception: whatever [`apply`][procpool.dask.DaskPool.apply] raises.
+            Exception: whatever [`apply`][] raises.
         """
         payload, timeout = self._prompt_call(prompt, context, timeout)
         await self._wait_ready_for_work()

@@ -2,7 +2,7 @@
 
 The parent pickles each call itself (so a bad argument fails in the caller, as with a local pool)
 and this side pickles the outcome itself (so an unpicklable result or exception comes back as a
-[`SerializationError`][procpool.SerializationError] instead of a Dask serialization failure).
+[`SerializationError`][procpool.errors.SerializationError] instead of a Dask serialization failure).
 Dask only carries bytes. Like ``_child.serve`` it knows nothing of the pool's state.
 
 This module must import on the workers: install procpool on them (``pip install procpool[dask]``).

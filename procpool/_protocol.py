@@ -2,7 +2,7 @@
 
 [`WorkerPool`][procpool.WorkerPool] (three local processes) and
 [`DaskPool`][procpool.dask.DaskPool] (three workers of a Dask cluster) both implement
-[`PoolLike`][procpool.PoolLike]; code written against it takes either. The protocol is
+`PoolLike`; code written against it takes either. The protocol is
 written from WorkerPool's public surface and holds nothing a remote pool could not provide
 (no pipes, no psutil figures, no process objects).
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import asyncio
 
-    from procpool._pool import PoolState, TaskReport
+    from procpool import PoolState, TaskReport
 
 __all__ = ("PoolLike", "WorkerLike")
 
@@ -45,10 +45,10 @@ class PoolLike(Protocol):
     """A pool of exactly three workers, driven from asyncio; see [`WorkerPool`][procpool.WorkerPool].
 
     Every method must be called from the thread running the event loop the pool was started on.
-    Failures arrive as the same errors whatever the backend: [`WorkerCrashed`][procpool.WorkerCrashed],
-    [`TaskTimeout`][procpool.TaskTimeout], [`SerializationError`][procpool.SerializationError],
-    [`BrokenPool`][procpool.BrokenPool], [`PoolClosed`][procpool.PoolClosed], or the task's own
-    exception with a [`RemoteTraceback`][procpool.RemoteTraceback] as its ``__cause__``.
+    Failures arrive as the same errors whatever the backend: [`WorkerCrashed`][procpool.errors.WorkerCrashed],
+    [`TaskTimeout`][procpool.errors.TaskTimeout], [`SerializationError`][procpool.errors.SerializationError],
+    [`BrokenPool`][procpool.errors.BrokenPool], [`PoolClosed`][procpool.errors.PoolClosed], or the task's own
+    exception with a [`RemoteTraceback`][procpool.errors.RemoteTraceback] as its ``__cause__``.
     """
 
     pool_id: str
