@@ -32,7 +32,7 @@ from procpool._config import DEFAULT_MAX_PENDING, DEFAULT_START_TIMEOUT, DEFAULT
 from procpool._map import MapIterator
 from procpool._messages import pickle_call
 from procpool._progress import ProgressArg, make_progress
-from procpool._stats import Counters, PoolStatistics, percentile, worker_dict
+from procpool._stats import Counters, PoolStatistics, worker_dict
 from procpool._supervisor import POOL_SIZE, PoolState, Supervisor
 from procpool._task import Task, TaskReport
 from procpool.errors import BrokenPool, PoolClosed
@@ -424,6 +424,16 @@ class WorkerPool:
         return len(self._tasks.pending) + self._tasks.in_flight
 
     @property
+    def workers_healthy(self) -> int:
+        """How many of the three workers are healthy now (cheap: for routing)."""
+        return sum(w.is_healthy() for w in self.workers)
+
+    @property
+    def recent_failures(self) -> int:
+        """Failures in a row across the workers; a success resets a worker's count (for routing)."""
+        return sum(w.consecutive_failures for w in self.workers)
+
+    @property
     def health(self) -> str:
         """``healthy``, ``degraded``, ``broken`` or ``not_running``, computed without psutil."""
         return self._supervisor.judge_health()[0].value
@@ -450,7 +460,6 @@ class WorkerPool:
         """A frozen snapshot of the pool: state, health, queue, totals, latency and workers."""
         health, reason, healthy = self._supervisor.judge_health()
         c = self._counters
-        latencies = sorted(c.latencies)
         return PoolStatistics(
             pool_id=self.pool_id,
             state=self._supervisor.state.value,
@@ -468,9 +477,7 @@ class WorkerPool:
             workers_restarted=c.workers_restarted,
             workers_recycled=c.workers_recycled,
             workers_stuck=c.workers_stuck,
-            latency_p50=percentile(latencies, 50),
-            latency_p95=percentile(latencies, 95),
-            latency_p99=percentile(latencies, 99),
+            recent_durations=tuple(c.latencies),
             created_at=self.created_at,
             started_at=self._supervisor.started_at,
             workers=tuple(w.statistics() for w in self.workers),

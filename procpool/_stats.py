@@ -109,10 +109,8 @@ class PoolStatistics:
     workers_restarted: int
     workers_recycled: int
     workers_stuck: int
-    # Percentiles of the last LATENCY_WINDOW task durations, in seconds (None before any task).
-    latency_p50: float | None
-    latency_p95: float | None
-    latency_p99: float | None
+    # The last LATENCY_WINDOW task durations in seconds, oldest first (percentiles below).
+    recent_durations: tuple[float, ...]
     created_at: float
     started_at: float | None
     workers: tuple[WorkerStatistics, ...]
@@ -126,6 +124,25 @@ class PoolStatistics:
     def success_rate(self) -> float:
         finished = self.tasks_completed + self.tasks_failed
         return self.tasks_completed / finished if finished else 1.0
+
+    @property
+    def recent_failures(self) -> int:
+        """Failures in a row across the workers (a success resets a worker's count)."""
+        return sum(w.consecutive_failures for w in self.workers)
+
+    # Percentiles of the recent task durations, in seconds (None before any task); computed when
+    # read, so that taking a snapshot stays cheap enough for routing every task.
+    @property
+    def latency_p50(self) -> float | None:
+        return percentile(sorted(self.recent_durations), 50)
+
+    @property
+    def latency_p95(self) -> float | None:
+        return percentile(sorted(self.recent_durations), 95)
+
+    @property
+    def latency_p99(self) -> float | None:
+        return percentile(sorted(self.recent_durations), 99)
 
 
 def percentile(sorted_values: list[float], pct: float) -> float | None:
