@@ -22,8 +22,17 @@ import tasks
 from helpers import assert_gone
 
 import procpool
-from procpool import BrokenPool, PoolClosed, RemoteTraceback, SerializationError, TaskExited, TaskTimeout, WorkerCrashed
-from procpool.executor import INITIAL_LIMIT, Executor
+from procpool import (
+    BrokenPool,
+    Executor,
+    PoolClosed,
+    RemoteTraceback,
+    SerializationError,
+    TaskExited,
+    TaskTimeout,
+    WorkerCrashed,
+)
+from procpool._executor_core import INITIAL_LIMIT
 
 # Every wait in these tests is bounded by this: generous, so a loaded CI machine never fails
 # a test that is merely slow, while a deadlock still fails rather than hangs.
