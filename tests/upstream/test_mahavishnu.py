@@ -110,14 +110,16 @@ async def test_the_manager_spawns_routes_monitors_aggregates_and_closes(manager,
     assert {(p["pool_type"], p["status"], p["workers"]) for p in listed.values()} == {("procpool", "running", 3)}
     assert (await m.health_check())["status"] == "healthy"
     metrics = await pools[0].get_metrics()
-    assert isinstance(metrics, PoolMetrics) and metrics.tasks_completed == 3
+    ran = {first: 1 + picked.count(first), second: picked.count(second)}
+    ran[least["pool_id"]] += 1
+    assert isinstance(metrics, PoolMetrics) and metrics.tasks_completed == ran[first]
     once = await m.aggregate_results()
     assert once == await m.aggregate_results()  # collect_memory is a read: the second reader sees the same
-    assert once[first] == {"memory_count": 3, "status": "running"} and once[second]["memory_count"] == 3
+    assert once == {pool_id: {"memory_count": count, "status": "running"} for pool_id, count in ran.items()}
     aggregator = MemoryAggregator(session_buddy_url=capture_url, akosha_url=capture_url)
     try:
         stats = await aggregator.get_pool_memory_stats(m)
-        assert {pid: s["memory_count"] for pid, s in stats.items()} == {first: 3, second: 3}
+        assert {pid: s["memory_count"] for pid, s in stats.items()} == ran
         synced = await aggregator.collect_and_sync(m)
         assert (synced["pools_synced"], synced["memory_items_synced"]) == (2, 6)
     finally:
