@@ -44,6 +44,8 @@ FRAGMENTS = {
     ("docs/embedding.md", "from procpool.compat import session_buddy as compat"),
     # The module the MCP server imports a handler from, not a script.
     ("docs/mcp.md", "# mypkg/agents.py"),
+    # Mounts the tools on a server the reader already runs.
+    ("docs/mcp.md", "from procpool.mcp import register_pool_tools"),
 }
 
 # Seconds an example may run: each finishes in about a second, but the machine may be loaded.
