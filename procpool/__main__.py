@@ -1,6 +1,6 @@
 """``python -m procpool``: the same command line as the ``procpool`` console script."""
 
-from procpool._cli import main
+from procpool.cli import main
 
 if __name__ == "__main__":
     main()

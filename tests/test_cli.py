@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_gone
 
-from procpool._cli import benchmarks_dir
+from procpool.cli.bench import benchmarks_dir
 
 SCRIPT = Path(sys.executable).with_name("procpool")
 # Every command is bounded; a hang fails the test instead of blocking the suite.
@@ -161,6 +161,10 @@ def test_run_leaves_no_worker_behind(user_module):
         (("run", "usertasks:double", "--timeout", "inf", "1"), "inf is not a finite number of seconds"),
         (("run", "brokentasks:f", "1"), "cannot import module 'brokentasks': syntax error in "),
         (("nosuchcommand",), "No such command"),
+        (("mcp",), "allow at least one handler"),
+        (("mcp", "--handler", "shell"), "'shell' is not a built-in handler"),
+        (("mcp", "--handler", "echo", "--http", "10.0.0.1:80"), "not a loopback address"),
+        (("mcp", "--handler", "echo", "--max-timeout", "nan"), "nan is not a finite number of seconds"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, user_module):

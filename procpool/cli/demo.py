@@ -1,41 +1,29 @@
-"""The ``procpool`` command: ``demo``, ``run``, ``bench`` and ``mcp``.
+"""``procpool demo``: count primes on several pools, kill a worker and time out a task half-way, report.
 
-Built on click; rich draws the tables, progress bars and log lines (stderr), so stdout carries
-only results (``--json`` summaries, JSON lines). Usage errors exit with code 2 and one line.
+Every task ends as done or as a typed error; the pools replace the dead workers, and the tables
+compare the run with the same work done serially in this process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import importlib
 import json
-import logging
-import math
 import os
-import pickle
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-try:
-    import click
-except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("the procpool command needs click and rich: pip install 'procpool[cli]'") from exc
+import click
 
-import procpool
 from procpool import POOL_SIZE, PoolManager, TaskTimeout, WorkerCrashed, WorkerPool
 from procpool._progress import make_progress, stderr_console
-from procpool.errors import task_error
+from procpool.errors import BrokenPool, PoolClosed
 
-__all__ = ("count_primes", "main")
-
-log = logging.getLogger("procpool.cli")
+__all__ = ("count_primes", "demo")
 
 # Numbers each demo task checks for primality: about 5-20 ms of pure Python per task, so the
 # default 300 tasks keep two cores busy for a few seconds and the serial baseline stays short.
@@ -51,11 +39,9 @@ FAULT_STALL = 60.0
 FAULT_TIMEOUT = 0.25
 # How long the demo waits for every pool to be back to three healthy workers after the faults.
 RECOVERY_DEADLINE = 20.0
-# `procpool run` keeps this many items submitted ahead of the one it prints next.
-RUN_WINDOW = 1000
 
 
-# -- the demo's workload (module level, so workers can import it) ---------------------------------
+# -- the workload (module level, so workers can import it) ---------------------------------------
 
 
 def count_primes(lo: int, hi: int, stall: float = 0.0, announce: str | None = None) -> int:
@@ -83,90 +69,7 @@ def count_primes(lo: int, hi: int, stall: float = 0.0, announce: str | None = No
     return found
 
 
-# -- command-line plumbing ------------------------------------------------------------------------
-
-
-class _Group(click.Group):
-    """The top-level group: loads the optional ``mcp`` command only when it is asked for.
-
-    The MCP SDK is an optional extra and slow to import, so ``procpool run`` should not pay for it.
-    """
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), "mcp"})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name == "mcp" and cmd_name not in self.commands:
-            return _mcp_command()
-        return super().get_command(ctx, cmd_name)
-
-
-def _mcp_command() -> click.Command:
-    try:
-        from procpool.mcp_server import mcp_command
-    except ImportError as exc:
-        reason = str(exc)
-
-        @click.command("mcp", help="Serve the pool tools over MCP (needs: pip install 'procpool[mcp]').")
-        def unavailable() -> None:
-            raise click.ClickException(f"procpool mcp is not available: {reason} (pip install 'procpool[mcp]')")
-
-        return unavailable
-    return mcp_command
-
-
-def _configure_logging(level: str) -> None:
-    """Send log records to stderr: through the console progress bars share on a terminal (so
-    records print above a live bar), as plain unwrapped lines otherwise (logs, pipes, CI)."""
-    console = stderr_console()
-    handler: logging.Handler
-    if console.is_terminal:
-        from rich.logging import RichHandler
-
-        handler = RichHandler(console=console, show_path=False)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s", datefmt="[%X]"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(procpool.__version__, prog_name="procpool")
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default="warning",
-    show_default=True,
-    help="Log records at this level and above go to stderr.",
-)
-def cli(log_level: str) -> None:
-    """procpool: pools of exactly three worker processes that survive crashes, hangs and timeouts."""
-    _configure_logging(log_level)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the ``procpool`` command line (the console script and ``python -m procpool``)."""
-    try:
-        code = cli.main(args=argv, prog_name="procpool", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.UsageError as exc:
-        # One line, with the command it concerns and where to look; click's default is four.
-        path = exc.ctx.command_path if exc.ctx is not None else "procpool"
-        click.echo(f"{path}: error: {exc.format_message()} (see '{path} --help')", err=True)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-# -- procpool demo --------------------------------------------------------------------------------
+# -- the demo --------------------------------------------------------------------------------------
 
 
 def _worker_pids(pools: Iterable[WorkerPool]) -> set[int]:
@@ -184,13 +87,14 @@ async def _wait_for_file(path: Path, deadline: float) -> bool:
 
 
 async def _wait_all_healthy(pools: list[WorkerPool], deadline: float) -> bool:
-    """Wait until every pool reports three healthy workers; False if the deadline passes."""
-    end = time.monotonic() + deadline
-    while any(p.health != "healthy" for p in pools):
-        if time.monotonic() > end:
-            return False
-        # A respawn completes through the pool's own events; this only samples the result.
-        await asyncio.sleep(0.02)
+    """Wait until every pool reports three healthy workers; False if the deadline passes or one breaks."""
+    try:
+        async with asyncio.timeout(deadline):
+            # Each wait wakes on the pool's own events (a respawned worker is ready), not on a timer.
+            for pool in pools:
+                await pool.wait_healthy()
+    except (TimeoutError, BrokenPool, PoolClosed):
+        return False
     return True
 
 
@@ -429,7 +333,7 @@ def _print_demo_tables(summary: dict[str, Any]) -> None:
         console.print(table)
 
 
-@cli.command(short_help="Show procpool at work, surviving a killed worker and a timeout.")
+@click.command(short_help="Show procpool at work, surviving a killed worker and a timeout.")
 @click.option(
     "--tasks", type=click.IntRange(4, 10_000), default=300, show_default=True, help="How many chunks of work."
 )
@@ -457,205 +361,3 @@ def demo(tasks: int, pools: int, no_faults: bool, as_json: bool) -> None:
     ok = summary["all_accounted_for"] and summary["results_match_serial"] and summary["recovered"]
     if not ok or summary["failed_unexpectedly"]:
         raise click.exceptions.Exit(1)
-
-
-# -- procpool run ---------------------------------------------------------------------------------
-
-
-def _load_function(ctx: click.Context, param: click.Parameter, value: str) -> Callable[..., Any]:
-    """Import ``module:function`` for the parent and check that workers can receive it."""
-    module_name, sep, attr = value.partition(":")
-    if not sep or not module_name or not attr:
-        raise click.BadParameter(f"expected 'module:function', got {value!r}")
-    # Like `python -m`, find modules in the current directory; workers inherit sys.path.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(f"cannot import module {module_name!r}: {exc}") from exc
-    except SyntaxError as exc:
-        # One line like every other bad input, not a traceback (issue 9).
-        where = f"{exc.filename}, line {exc.lineno}" if exc.filename else f"line {exc.lineno}"
-        raise click.BadParameter(f"cannot import module {module_name!r}: syntax error in {where}: {exc.msg}") from exc
-    except Exception as exc:
-        raise click.BadParameter(f"importing module {module_name!r} failed: {_first_line(exc)}") from exc
-    try:
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(obj):
-        raise click.BadParameter(f"{value} is not callable")
-    try:
-        pickle.dumps(obj)
-    except Exception as exc:
-        raise click.BadParameter(f"{value} cannot be sent to a worker (define it at module level): {exc}") from exc
-    return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    # click's FloatRange lets NaN and infinity through; the pool would refuse them with a traceback.
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number of seconds", ctx, param)
-    return value
-
-
-def _callers_cancellation(exc: BaseException) -> bool:
-    """Whether ``exc`` is this task being cancelled (Ctrl-C), rather than a task's own CancelledError."""
-    if not isinstance(exc, asyncio.CancelledError):
-        return False
-    current = asyncio.current_task()
-    return current is None or current.cancelling() > 0
-
-
-def _parse_input(text: str, strings: bool) -> Any:
-    if strings:
-        return text
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _error_record(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
-async def _run_items(
-    fn: Callable[..., Any], items: list[Any], star: bool, timeout: float | None, progress: bool, show_tb: bool
-) -> int:
-    """Submit items with a bounded window; print one JSON line per item in input order."""
-    failed = 0
-    label = getattr(fn, "__qualname__", "run")
-    async with WorkerPool("run", task_timeout=timeout) as pool:
-        window: collections.deque[tuple[int, Any, asyncio.Future[Any]]] = collections.deque()
-        pending = iter(enumerate(items))
-        with make_progress(progress or None, len(items), label) as reporter:
-            try:
-                while True:
-                    for index, item in pending:
-                        args = tuple(item) if star and isinstance(item, list) else (item,)
-                        future = pool.submit(fn, *args)
-                        future.add_done_callback(lambda _f: reporter.advance())
-                        window.append((index, item, future))
-                        if len(window) >= RUN_WINDOW:
-                            break
-                    if not window:
-                        break
-                    index, item, future = window.popleft()
-                    record: dict[str, Any] = {"index": index, "input": item}
-                    try:
-                        record["result"] = await future
-                    except BaseException as raised:
-                        # A task's SystemExit or KeyboardInterrupt is that item's failure: it must
-                        # neither exit with the task's code nor say "interrupted" (issue 9).
-                        if _callers_cancellation(raised):
-                            raise
-                        exc = task_error(raised)
-                        failed += 1
-                        record["error"] = _error_record(exc)
-                        log.error(
-                            "item %d (%s) failed: %s: %s",
-                            index,
-                            json.dumps(item, default=repr),
-                            type(exc).__name__,
-                            exc,
-                        )
-                        if show_tb and exc.__cause__ is not None:
-                            log.error("worker traceback of item %d:\n%s", index, exc.__cause__)
-                    click.echo(json.dumps(record, default=repr))
-            finally:
-                for _, _, future in window:
-                    future.cancel()
-    return failed
-
-
-@cli.command(short_help="Map a function over inputs on a pool; print JSON lines.")
-@click.argument("function", metavar="MODULE:FUNCTION", callback=_load_function)
-@click.argument("args", nargs=-1, metavar="[ARG]...")
-@click.option("--input", "-i", "input_file", type=click.File("r"), help="Read one input per line ('-' for stdin).")
-@click.option("--strings", is_flag=True, help="Pass inputs as strings; by default valid JSON is decoded.")
-@click.option("--star", is_flag=True, help="Call function(*item) when an input is a JSON list.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    callback=_finite_seconds,
-    help="Seconds each item may run.",
-)
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Progress bar on an interactive stderr."
-)
-@click.option("--traceback", "show_tb", is_flag=True, help="Log the worker-side traceback of failed items.")
-def run(
-    function: Callable[..., Any],
-    args: tuple[str, ...],
-    input_file: Any,
-    strings: bool,
-    star: bool,
-    timeout: float | None,
-    progress: bool,
-    show_tb: bool,
-) -> None:
-    """Call MODULE:FUNCTION on each input in a pool; print one JSON line per input, in order.
-
-    Inputs are the ARGs, or the lines of --input; each is decoded as JSON when it is valid JSON
-    and passed as a string otherwise. Each output line is {"index", "input", "result"} or
-    {"index", "input", "error": {"type", "message"}}. Exits 1 if any item failed.
-    """
-    if args and input_file is not None:
-        raise click.UsageError("give inputs as arguments or with --input, not both")
-    texts = [line.rstrip("\r\n") for line in input_file if line.strip()] if input_file is not None else list(args)
-    if not texts:
-        raise click.UsageError("no inputs: pass ARGs or --input FILE")
-    items = [_parse_input(t, strings) for t in texts]
-    failed = asyncio.run(_run_items(function, items, star, timeout, progress, show_tb))
-    if failed:
-        log.error("%d of %d items failed", failed, len(items))
-        raise click.exceptions.Exit(1)
-
-
-# -- procpool bench -------------------------------------------------------------------------------
-
-
-def benchmarks_dir() -> Path:
-    """Where the benchmark suite lives: next to the package in a source checkout."""
-    return Path(procpool.__file__).resolve().parent.parent / "benchmarks"
-
-
-@cli.command(short_help="Benchmark procpool against its peers.", context_settings={"ignore_unknown_options": True})
-@click.option("--quick", is_flag=True, help="A short run (under two minutes).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
-@click.option(
-    "--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Also write the table as Markdown here."
-)
-@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[COMPARE OPTIONS]...")
-def bench(quick: bool, json_path: str | None, markdown_path: str | None, extra: tuple[str, ...]) -> None:
-    """Run benchmarks/compare.py: procpool against its peers, with the ratio table.
-
-    Options not listed here go to compare.py unchanged (see: procpool bench --help-compare).
-    Needs a source checkout; the suite is not part of the installed package.
-    """
-    script = benchmarks_dir() / "compare.py"
-    if not script.is_file():
-        raise click.ClickException(
-            f"the benchmark suite is not here ({script} is missing): procpool bench runs from a source "
-            "checkout of procpool (pip install -e .), not from an installed wheel"
-        )
-    argv = [sys.executable, str(script)]
-    if quick:
-        argv.append("--quick")
-    if json_path:
-        argv += ["--json", json_path]
-    if markdown_path:
-        argv += ["--markdown", markdown_path]
-    argv += ["--help" if arg == "--help-compare" else arg for arg in extra]
-    # subprocess.run kills and reaps the child if we are interrupted.
-    code = subprocess.run(argv, check=False).returncode
-    if code:
-        raise click.exceptions.Exit(code if code > 0 else 1)
