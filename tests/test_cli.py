@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -10,6 +11,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import attr
+import attrs
+import psutil
 import pytest
 from helpers import assert_gone
 
@@ -191,6 +195,64 @@ def test_python_dash_m_runs_the_same_command():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("procpool, version ")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def base_install(venv: Path) -> Path:
+    """A virtual environment with procpool and only its core dependencies (attrs, psutil); returns its console script.
+
+    The environment is real but offline: the core packages are linked from this interpreter's,
+    procpool is found through a .pth file (as an editable install finds it), and the console
+    script is the one setup.cfg declares, written the way pip writes it.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=DEADLINE)
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=DEADLINE,
+        ).stdout.strip()
+    )
+    for package in (attr, attrs, psutil):
+        source = Path(package.__file__).parent
+        (site / source.name).symlink_to(source, target_is_directory=True)
+    (site / "procpool.pth").write_text(f"{ROOT}\n")
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    (name, target), *_ = (
+        line.split("=") for line in setup["options.entry_points"]["console_scripts"].split("\n") if line
+    )
+    module, function = target.strip().split(":")
+    script = venv / "bin" / name.strip()
+    script.write_text(
+        f"#!{python}\nimport sys\nfrom {module} import {function}\n"
+        f"if __name__ == '__main__':\n    sys.exit({function}())\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def test_the_console_script_on_a_base_install_names_the_extra_in_one_line(tmp_path):
+    """On a base install, `procpool` and `python -m procpool` print one line naming the cli extra and exit 2."""
+    script = base_install(tmp_path / "venv")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    python = str(script.with_name("python"))
+    probe = subprocess.run(
+        [python, "-c", "import procpool, click"], capture_output=True, text=True, env=env, timeout=DEADLINE, check=False
+    )
+    assert "No module named 'click'" in probe.stderr, probe.stderr  # procpool imports; click is not there
+    for command in ([str(script), "demo"], [python, "-m", "procpool", "--help"]):
+        proc = subprocess.run(
+            command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=DEADLINE, check=False
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "pip install 'procpool[cli]'" in proc.stderr and proc.stdout == ""
 
 
 # Size flags that make compare.py's --quick run take a few seconds: 1 % of the task counts, one peer.
