@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 
-from procpool import POOL_SIZE, WorkerPool
+from procpool import WorkerPool
+
+
+def console_script() -> list[str]:
+    """The command that runs the installed ``procpool`` console script (``python -m procpool`` without one)."""
+    script = Path(sys.executable).with_name("procpool")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "procpool"]
 
 
 def pids_of(pool: WorkerPool) -> list[int]:
@@ -46,5 +54,5 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 30.0) -> 
 
 
 async def all_healthy(pool: WorkerPool) -> None:
-    """Wait until all three workers of the pool are healthy."""
-    await wait_until(lambda: pool.get_status()["workers_healthy"] == POOL_SIZE)
+    """Wait until all three workers of the pool are healthy (woken by the pool's events, not a timer)."""
+    await pool.wait_healthy(timeout=30.0)

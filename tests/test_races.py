@@ -28,7 +28,7 @@ async def test_cancelling_the_pending_task_makes_room_for_a_waiting_caller(tmp_p
             await asyncio.sleep(0)  # let the dispatch run
         queued = blockers.pop()
         waiter = asyncio.ensure_future(pool.apply(tasks.square, (7,)))
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: len(pool._tasks.room_waiters) == 1)  # the caller waits for room
         assert not waiter.done()
         queued.cancel()
         barrier.touch()
