@@ -1,21 +1,18 @@
-"""The benchmark suite (benchmarks/compare.py) runs end to end at a tiny size. Timings are never
-asserted here: benchmarks measure, tests check behaviour."""
+"""The benchmark suite (benchmarks/compare.py) runs end to end at a tiny size, once, through
+``procpool bench``. Timings are never asserted here: benchmarks measure, tests check behaviour."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import psutil
 import pytest
+from helpers import console_script
 
-pytestmark = pytest.mark.anyio
-
-COMPARE = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
+pytestmark = pytest.mark.slow
 
 
 def marked(marker: str) -> list[psutil.Process]:
@@ -30,24 +27,26 @@ def marked(marker: str) -> list[psutil.Process]:
     return found
 
 
-def test_compare_reports_every_metric_and_leaves_no_process(tmp_path):
-    """A tiny run against one peer reports every metric, ratio and target, and leaves no process behind."""
+def test_bench_reports_every_metric_writes_json_and_markdown_and_leaves_no_process(tmp_path):
+    """`procpool bench --quick` at 1 % size against one peer reports every metric, ratio and target,
+    writes its JSON and Markdown reports, prints the table, and leaves no process behind."""
     report_path, table_path = tmp_path / "bench.json", tmp_path / "bench.md"
     marker = uuid.uuid4().hex
+    # --json and --markdown are the command's own options; --scale, --repeat and --peers pass through.
     command = [
-        sys.executable,
-        str(COMPARE),
+        *console_script(),
+        "bench",
         "--quick",
+        "--json",
+        str(report_path),
+        "--markdown",
+        str(table_path),
         "--scale",
         "0.01",
         "--repeat",
         "1",
         "--peers",
         "futures",
-        "--json",
-        str(report_path),
-        "--markdown",
-        str(table_path),
     ]
     proc = subprocess.Popen(
         command,
@@ -64,6 +63,7 @@ def test_compare_reports_every_metric_and_leaves_no_process(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
 
     report = json.loads(report_path.read_text())
+    assert report["config"]["quick"] is True
     assert {"machine", "config", "contenders", "results", "ratios", "targets", "problems"} <= report.keys()
     assert set(report["results"]) == {"procpool", "futures"}
     metrics = [m["key"] for m in report["metrics"]]
@@ -74,7 +74,7 @@ def test_compare_reports_every_metric_and_leaves_no_process(tmp_path):
     assert report["results"]["procpool"]["crash_caller_ms"]["text"].startswith("WorkerCrashed")
     assert len(report["targets"]) >= 3 and all("met" in t for t in report["targets"])
     assert report["leftover_processes"] == []
-    assert "| procpool" in table_path.read_text() and "| procpool" in out
+    assert "| procpool" in table_path.read_text() and "| procpool" in out  # the ratio table is printed too
 
     _, alive = psutil.wait_procs(marked(marker), timeout=10)
     assert not alive, f"processes started by the benchmark outlived it: {alive}"
