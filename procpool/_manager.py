@@ -61,6 +61,7 @@ __all__ = (
 
 log = logging.getLogger("procpool.manager")
 
+
 class _State(enum.Enum):
     INITIAL = "initial"
     RUNNING = "running"

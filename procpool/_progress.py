@@ -27,9 +27,7 @@ def _rich() -> Any:
         import rich.console
         import rich.progress
     except ImportError as exc:
-        raise ImportError(
-            "progress bars need the 'rich' package: pip install 'procpool[cli]'"
-        ) from exc
+        raise ImportError("progress bars need the 'rich' package: pip install 'procpool[cli]'") from exc
     return rich
 
 

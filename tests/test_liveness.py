@@ -217,8 +217,9 @@ def test_workers_and_their_processes_die_with_a_killed_parent(tmp_path):
     finally:
         parent.kill()
         parent.wait()
-    _, alive = psutil.wait_procs(family + [psutil.Process(p) for p in grandchildren if psutil.pid_exists(p)],
-                                    timeout=2.0)
+    _, alive = psutil.wait_procs(
+        family + [psutil.Process(p) for p in grandchildren if psutil.pid_exists(p)], timeout=2.0
+    )
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     for proc in alive:  # clean up before failing
         proc.kill()

@@ -30,10 +30,6 @@ from procpool.handlers import CommandFailed
 pytestmark = pytest.mark.anyio
 
 
-
-
-
-
 # -- basics -------------------------------------------------------------------------------------
 
 
@@ -419,14 +415,38 @@ async def test_health_and_status_report_the_documented_fields(pool):
     assert health["workers_healthy"] == health["workers_total"] == 3
     assert len(health["workers"]) == 3
     status = pool.get_status()
-    for key in ("pool_id", "running", "workers_count", "queue_size", "tasks_submitted", "tasks_completed",
-                "tasks_failed", "success_rate", "workers_healthy", "created_at", "started_at", "workers"):
+    for key in (
+        "pool_id",
+        "running",
+        "workers_count",
+        "queue_size",
+        "tasks_submitted",
+        "tasks_completed",
+        "tasks_failed",
+        "success_rate",
+        "workers_healthy",
+        "created_at",
+        "started_at",
+        "workers",
+    ):
         assert key in status
     assert status["tasks_submitted"] == 3
     assert status["success_rate"] == 0.5  # finished tasks only: one of two
     worker = pool.workers[0].get_status()
-    for key in ("worker_id", "pid", "tasks_processed", "tasks_succeeded", "tasks_failed", "success_rate",
-                "average_processing_time", "last_activity", "rss_mb", "cpu_seconds", "restarts", "state"):
+    for key in (
+        "worker_id",
+        "pid",
+        "tasks_processed",
+        "tasks_succeeded",
+        "tasks_failed",
+        "success_rate",
+        "average_processing_time",
+        "last_activity",
+        "rss_mb",
+        "cpu_seconds",
+        "restarts",
+        "state",
+    ):
         assert key in worker
     assert worker["rss_mb"] > 0
     assert await pool.workers[0].health_check() is True

@@ -20,8 +20,6 @@ from procpool import BrokenPool, WorkerCrashed, WorkerPool, WorkerStuck
 pytestmark = pytest.mark.anyio
 
 
-
-
 async def test_a_hanging_initializer_breaks_the_pool_after_start_timeout():
     """Workers whose initializer never returns count as failed starts after start_timeout: BrokenPool, no hang."""
     pool = WorkerPool(initializer=attacks.hang_forever, start_timeout=0.5)
