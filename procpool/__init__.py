@@ -1,8 +1,10 @@
 """procpool: pools of exactly three worker processes, coordinated by asyncio.
 
-async with WorkerPool(handler="procpool.handlers:echo") as pool:
-    print(await pool.apply(pow, (2, 10)))
-    print(await pool.execute("hello"))
+A pool starts its workers on entry and stops them on exit::
+
+    async with WorkerPool(handler="procpool.handlers:echo") as pool:
+        print(await pool.apply(pow, (2, 10)))
+        print(await pool.execute("hello"))
 """
 
 import logging as _logging
