@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from procpool import _messages as m
@@ -45,7 +46,7 @@ class _Queue(Protocol):
 class ConnectionQueue:
     """A one-way ``multiprocessing`` Pipe end used as a queue of message bodies."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def get(self) -> bytes | None:

@@ -167,7 +167,9 @@ class _Core:
 
     # -- any thread ------------------------------------------------------------------------------
 
-    def put(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+    def put(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         item = _WorkItem(future, fn, args, kwargs, timeout)
         with self.lock:

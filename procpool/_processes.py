@@ -220,9 +220,10 @@ def descendants(pid: int | None) -> list[psutil.Process]:
     if pid is None:
         return []  # psutil.Process(None) would be this very process
     try:
-        return psutil.Process(pid).children(recursive=True)
+        children: list[psutil.Process] = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
+    return children
 
 
 def kill_group(pid: int, sig: int = signal.SIGKILL) -> bool:

@@ -276,7 +276,9 @@ class Executor(concurrent.futures.Executor):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _put(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+    def _put(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> concurrent.futures.Future[Any]:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         return self._core.put(fn, args, kwargs, timeout)
