@@ -894,7 +894,7 @@ class DaskPool:
             if task.state == "done":
                 return  # we cancelled it: timed out, cancelled by its caller, or shut down
             if exc.reason == "scheduler-connection-lost":
-                self._lose_scheduler(f"the connection to {self._where()} was lost")
+                self._lose_scheduler("the connection closed under a running task (scheduler-connection-lost)")
             else:
                 self._task_failed(task, BrokenPool(f"dask cancelled the task ({exc.reason}): {exc.msg or ''}"))
             return
@@ -1123,7 +1123,7 @@ class DaskPool:
         client = self._client
         assert client is not None
         if client.status != "running":
-            self._lose_scheduler(f"the client's connection is {client.status}")
+            self._lose_scheduler(f"the connection closed (the client is {client.status!r})")
             return
         try:
             info = (await asyncio.wait_for(client.scheduler.identity(), PING_TIMEOUT))["workers"]

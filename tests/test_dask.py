@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -175,6 +176,25 @@ async def test_handler_a_worker_cannot_import_names_the_worker(tmp_path, monkeyp
     assert pool.state is PoolState.CLOSED
 
 
+async def test_restarted_worker_that_cannot_import_the_handler_names_itself(tmp_path, monkeypatch):
+    """A worker restarted after the handler's module vanished fails its prompt with an ImportError naming it."""
+    module = tmp_path / "fleeting_handler.py"
+    module.write_text("def handle(prompt, context):\n    return prompt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    async with DaskPool("fleeting", handler="fleeting_handler:handle") as pool:
+        module.unlink()
+        with pytest.raises(WorkerCrashed):
+            await pool.apply(tasks.kill_self)
+        await _healthy(pool)
+        # One prompt per worker: the two that imported the handler at start still run it.
+        results = await pool.execute_batch(["a", "b", "c"])
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert len([r for r in results if r in ("a", "b", "c")]) == POOL_SIZE - 1
+        assert len(failures) == 1 and isinstance(failures[0], ImportError)
+        assert re.search(r"dask worker tcp://127\.0\.0\.1:\d+ \(pid \d+\) cannot import the handler", str(failures[0]))
+    monkeypatch.delitem(sys.modules, "fleeting_handler", raising=False)
+
+
 async def test_unreachable_scheduler_is_a_broken_pool():
     """An address where no scheduler listens makes initialize() raise BrokenPool within its start_timeout."""
     with socket.socket() as s:
@@ -231,7 +251,7 @@ async def test_losing_the_scheduler_fails_every_caller_with_broken_pool(tmp_path
             cluster.scheduler.kill()
             outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
             assert all(isinstance(o, BrokenPool) for o in outcomes), outcomes
-            assert "lost the dask scheduler" in str(outcomes[0])
+            assert f"lost the dask scheduler at {cluster.address}" in str(outcomes[0])
             assert pool.state is PoolState.BROKEN and pool.health == "broken"
             with pytest.raises(BrokenPool):
                 await pool.apply(tasks.square, (2,))
