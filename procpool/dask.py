@@ -11,6 +11,7 @@
 See docs/scale-out.md for when to go remote, the failure semantics and the cost per task.
 """
 
-from procpool._dask import DaskPool, DaskWorker
+from procpool._dask import DaskPool
+from procpool._dask_slots import DaskWorker
 
 __all__ = ("DaskPool", "DaskWorker")

@@ -1,0 +1,284 @@
+"""The parts of a DaskPool that hold no behaviour: its slots, its tasks, its counters, and how
+calls and errors are pickled on the way to a Dask worker and back.
+
+Each field of a [`DaskWorker`][procpool.dask.DaskWorker] has one writer: the cluster link
+(``_dask_link``) writes the worker's address, pid and state; the task book (``_dask_tasks``)
+writes ``task`` and the task counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import pickle
+import pkgutil
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import cloudpickle
+import distributed
+
+from procpool import POOL_SIZE, PoolState, _dask_worker
+from procpool.errors import RemoteTraceback, SerializationError
+
+__all__ = (
+    "Counters",
+    "DaskTask",
+    "DaskWorker",
+    "SlotState",
+    "TaskFuture",
+    "check_seconds",
+    "decode_error",
+    "handler_path",
+    "percentile",
+    "pickle_call",
+    "pool_health",
+    "prompt_call",
+)
+
+# Failures in a row that make a slot unhealthy (as a local worker).
+UNHEALTHY_AFTER_FAILURES = 3
+# Recent task durations kept for latency percentiles.
+LATENCY_WINDOW = 1000
+
+
+class SlotState:
+    """Whether a slot has a worker; a READY slot without a task is given the next one."""
+
+    # Waiting for its Dask worker to be found (at start, or after the worker died or was killed).
+    STARTING = "starting"
+    # Has a live worker (idle or busy, as ``task`` says).
+    READY = "ready"
+    # Its worker left and no nanny will bring it back (a worker started with --no-nanny).
+    LOST = "lost"
+
+
+@attrs.define(eq=False, repr=False)
+class DaskWorker:
+    """One of a DaskPool's three slots and the Dask worker that currently fills it.
+
+    Read-only for users: ``worker_id``, ``address``, ``pid``, ``state``, ``restarts``,
+    ``is_healthy()``, ``get_status()``.
+    """
+
+    worker_id: str
+    # The nanny that restarts this slot's worker; how the slot finds its worker again after a
+    # restart (the worker's own address changes). None for a worker without a nanny.
+    nanny: str | None
+    # The worker's address now; None while the slot waits for its (restarted) worker.
+    address: str | None = None
+    # The worker process's pid, on the worker's own host.
+    pid: int | None = None
+    # A SlotState; written by the cluster link only.
+    state: str = SlotState.STARTING
+    # Addresses this slot's worker had before it died or was killed: never used again.
+    retired: set[str] = attrs.Factory(set)
+    restarts: int = 0
+    # The task the worker runs now; this and the counters below are the task book's.
+    task: DaskTask | None = None
+    tasks_processed: int = 0
+    tasks_succeeded: int = 0
+    tasks_failed: int = 0
+    consecutive_failures: int = 0
+    processing_time: float = 0.0
+    last_activity: float | None = None
+
+    @property
+    def activity(self) -> str:
+        """``idle`` or ``busy`` for a slot with a worker, else its SlotState (as a local worker reports)."""
+        if self.state != SlotState.READY:
+            return self.state
+        return "busy" if self.task is not None else "idle"
+
+    def is_healthy(self) -> bool:
+        """Has a worker, and fewer than three failures in a row."""
+        return self.state == SlotState.READY and self.consecutive_failures < UNHEALTHY_AFTER_FAILURES
+
+    def get_status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot of this slot."""
+        finished = self.tasks_succeeded + self.tasks_failed
+        return {
+            "worker_id": self.worker_id,
+            "pid": self.pid,
+            "address": self.address,
+            "nanny": self.nanny,
+            "state": self.activity,
+            "healthy": self.is_healthy(),
+            "restarts": self.restarts,
+            "tasks_in_flight": int(self.task is not None),
+            "tasks_processed": self.tasks_processed,
+            "tasks_succeeded": self.tasks_succeeded,
+            "tasks_failed": self.tasks_failed,
+            "consecutive_failures": self.consecutive_failures,
+            "success_rate": self.tasks_succeeded / finished if finished else 1.0,
+            "average_processing_time": self.processing_time / finished if finished else None,
+            "last_activity": self.last_activity,
+        }
+
+    def __repr__(self) -> str:
+        return f"<DaskWorker {self.worker_id} {self.address} pid={self.pid} {self.activity} restarts={self.restarts}>"
+
+
+@attrs.define(eq=False, repr=False)
+class DaskTask:
+    """One unit of work, from submission until its future is resolved."""
+
+    id: int
+    payload: bytes
+    future: asyncio.Future[Any]
+    timeout: float | None
+    # "pending" (in the pool's queue), "running" (held by a slot) or "done".
+    state: str = "pending"
+    slot: DaskWorker | None = None
+    # The pid of the worker it was sent to.
+    pid: int | None = None
+    dask_future: distributed.Future[Any] | None = None
+    # The coroutine awaiting dask_future; cancelled when the pool settles the task itself.
+    watcher: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    started: float = 0.0
+    duration: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<DaskTask {self.id} {self.state}>"
+
+
+class TaskFuture(asyncio.Future[Any]):
+    """A task's future that tells the pool of a cancellation at once, inside ``cancel()``."""
+
+    on_cancel: Callable[[], None] | None = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.done():
+            return False
+        hook, self.on_cancel = self.on_cancel, None
+        if hook is not None:
+            hook()
+        return super().cancel(msg)
+
+
+def check_seconds(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def handler_path(handler: Any) -> str | None:
+    """Check a handler here, now, and return the import path the workers resolve."""
+    if handler is None:
+        return None
+    if callable(handler) and not isinstance(handler, str):
+        handler = f"{getattr(handler, '__module__', None)}:{getattr(handler, '__qualname__', None)}"
+    if not isinstance(handler, str):
+        raise TypeError(f"handler must be a 'module:function' string or a function, not {type(handler).__name__}")
+    if handler.count(":") != 1 or not all(handler.split(":")):
+        raise ValueError(f"handler must look like 'package.module:function', got {handler!r}")
+    try:
+        found = pkgutil.resolve_name(handler)
+    except Exception as exc:
+        raise ValueError(f"handler {handler!r} cannot be loaded: {exc}") from exc
+    if not callable(found):
+        raise ValueError(f"handler {handler!r} is not a function")
+    return handler
+
+
+def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickle a call in the caller (with cloudpickle, as Dask would), so a bad argument fails here."""
+    try:
+        data: bytes = cloudpickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+        return data
+    except Exception as exc:
+        culprit = "the call"
+        labelled = [(f"the function {fn!r}", fn)]
+        labelled += [(f"argument {i} ({type(a).__qualname__})", a) for i, a in enumerate(args)]
+        labelled += [(f"keyword argument {k!r} ({type(v).__qualname__})", v) for k, v in kwargs.items()]
+        for label, obj in labelled:
+            try:
+                cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                culprit = label
+                break
+        raise SerializationError(f"cannot send the task to a dask worker: {culprit} cannot be pickled: {exc}") from exc
+
+
+def prompt_call(pool_id: str, handler: str | None, prompt: Any, context: Any) -> bytes:
+    """Check a prompt and pickle the call of the pool's handler on it."""
+    if handler is None:
+        raise RuntimeError(
+            f"pool {pool_id!r} has no prompt handler: create it with "
+            "handler='package.module:function' (for example 'procpool.handlers:echo')"
+        )
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+    if context is not None and not isinstance(context, dict):
+        raise TypeError(f"context must be a dict or None, not {type(context).__name__}")
+    return pickle_call(_dask_worker.run_handler, (handler, prompt, context or {}), {})
+
+
+def decode_error(payload: bytes) -> BaseException:
+    """Rebuild a task's exception from the worker's encoding, the remote traceback as its cause."""
+    name, tb, exc_bytes = pickle.loads(payload)
+    exc: BaseException
+    if exc_bytes is None:
+        exc = SerializationError(f"the task raised {name}, which could not be pickled; see the cause")
+    else:
+        try:
+            exc = pickle.loads(exc_bytes)
+            if not isinstance(exc, BaseException):
+                raise TypeError(f"it unpickled as {type(exc).__qualname__}")
+        except BaseException as err:  # unpickling runs the sender's code: SystemExit included
+            exc = SerializationError(
+                f"the task raised {name}, which could not be unpickled in the parent ({err!r}); see the cause"
+            )
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+@attrs.define
+class Counters:
+    """A pool's running totals; only the task book writes them."""
+
+    tasks_submitted: int = 0
+    tasks_completed: int = 0
+    tasks_failed: int = 0
+    tasks_cancelled: int = 0
+    tasks_timed_out: int = 0
+    tasks_crashed: int = 0
+    workers_restarted: int = 0
+    # Recent task durations in seconds, newest last.
+    latencies: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=LATENCY_WINDOW))
+
+
+def percentile(sorted_values: list[float], pct: float) -> float | None:
+    """The ``pct`` percentile of already sorted values (None for none)."""
+    if not sorted_values:
+        return None
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[int(pct) - 1]
+
+
+def pool_health(state: PoolState, broken_cause: str | None, workers: list[DaskWorker]) -> tuple[str, str | None, int]:
+    """``(health, reason, healthy workers)``, as a local pool reports them."""
+    healthy = sum(w.is_healthy() for w in workers)
+    if state is PoolState.BROKEN:
+        return "broken", broken_cause, healthy
+    if state is not PoolState.RUNNING:
+        return "not_running", f"pool is {state.value}", healthy
+    if healthy == POOL_SIZE:
+        return "healthy", None, healthy
+    sick = [
+        f"{w.worker_id} is {w.state}"
+        if w.state != SlotState.READY
+        else f"{w.worker_id} failed {w.consecutive_failures} tasks in a row"
+        for w in workers
+        if not w.is_healthy()
+    ]
+    return "degraded", "; ".join(sick), healthy

@@ -1,0 +1,312 @@
+"""A DaskPool's task book: the pending queue, one task per ready slot, outcomes, timeouts, cancels.
+
+It registers tasks, sends each to a ready slot through the cluster link, watches its Dask
+future and resolves the caller's future once. It never touches a worker process: to stop work
+that runs (a timeout, a cancel, a shutdown) it asks the link to kill the worker.
+
+Invariant: every task is in exactly one place: ``pending``, one slot's ``task``, or done (its
+future resolved once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import pickle
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import distributed
+
+from procpool._dask_link import ClusterLink
+from procpool._dask_slots import Counters, DaskTask, DaskWorker, SlotState, TaskFuture, decode_error, percentile
+from procpool.errors import BrokenPool, SerializationError, TaskTimeout, WorkerCrashed, task_error
+
+__all__ = ("TaskBook",)
+
+log = logging.getLogger("procpool.dask")
+
+
+class TaskBook:
+    """Tasks from submission to resolution, for one pool."""
+
+    def __init__(
+        self, pool_id: str, link: ClusterLink, max_pending: int, on_scheduler_lost: Callable[[str], None]
+    ) -> None:
+        self.pool_id = pool_id
+        self.link = link
+        self.max_pending = max_pending
+        self.on_scheduler_lost = on_scheduler_lost
+        self.counts = Counters()
+        self.pending: collections.deque[DaskTask] = collections.deque()
+        # Whether tasks may be sent to workers now (the pool is RUNNING).
+        self.sending = False
+        # Callers waiting for room in the pending queue, oldest first.
+        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._ids = itertools.count(1)
+        # Watchers of running tasks, referenced until they end.
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    @property
+    def running(self) -> int:
+        return sum(w.task is not None for w in self.link.workers)
+
+    def status(self) -> dict[str, Any]:
+        """The queue, the totals and the latency percentiles, for the pool's ``get_status()``."""
+        counts = self.counts
+        finished = counts.tasks_completed + counts.tasks_failed
+        latencies = sorted(counts.latencies)
+        return {
+            "queue_size": len(self.pending),
+            "tasks_in_flight": self.running,
+            "tasks_submitted": counts.tasks_submitted,
+            "tasks_completed": counts.tasks_completed,
+            "tasks_failed": counts.tasks_failed,
+            "tasks_cancelled": counts.tasks_cancelled,
+            "tasks_timed_out": counts.tasks_timed_out,
+            "tasks_crashed": counts.tasks_crashed,
+            "workers_restarted": sum(w.restarts for w in self.link.workers),
+            "success_rate": counts.tasks_completed / finished if finished else 1.0,
+            "latency_p50": percentile(latencies, 50),
+            "latency_p95": percentile(latencies, 95),
+            "latency_p99": percentile(latencies, 99),
+        }
+
+    def has_room(self) -> bool:
+        """Whether a task may be queued now without overtaking a caller waiting for room."""
+        return not self._room_waiters and len(self.pending) < self.max_pending
+
+    async def wait_for_room(self, check_open: Callable[[], None]) -> None:
+        """Wait in line until the pending queue has room; ``check_open`` raises if the pool closed meanwhile."""
+        while not self.has_room():
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._room_waiters.remove(waiter)
+            check_open()
+            if len(self.pending) < self.max_pending:
+                return
+
+    def on_room(self, count: int | None = None) -> None:
+        """Wake ``count`` callers waiting for room, oldest first (all when None)."""
+        waiters = self._room_waiters
+        while waiters and (count is None or count > 0):
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if count is not None:
+                    count -= 1
+
+    def submit(self, payload: bytes, timeout: float | None) -> DaskTask:
+        """Queue a task and send it at once if a slot is free."""
+        future = TaskFuture(loop=asyncio.get_running_loop())
+        task = DaskTask(next(self._ids), payload, future, timeout)
+        future.on_cancel = lambda: self._on_cancel(task)
+        self.counts.tasks_submitted += 1
+        self.pending.append(task)
+        self.dispatch()
+        return task
+
+    def dispatch(self) -> None:
+        """Give each ready slot without a task the next pending task."""
+        if not self.sending:
+            return
+        for slot in self.link.workers:
+            if not self.pending:
+                break
+            if slot.state == SlotState.READY and slot.task is None and slot.address is not None:
+                self._send(slot, self.pending.popleft())
+        self.on_room(self.max_pending - len(self.pending))
+
+    def _send(self, slot: DaskWorker, task: DaskTask) -> None:
+        task.state = "running"
+        task.slot = slot
+        task.pid = slot.pid
+        task.started = time.monotonic()
+        slot.task = task
+        # A key of our own: two pools, or two runs of one pool, never share a Dask result.
+        key = f"procpool-{self.pool_id}-{task.id}-{uuid.uuid4().hex[:8]}"
+        task.dask_future = self.link.submit(slot, task.payload, key)
+        task.payload = b""
+        loop = asyncio.get_running_loop()
+        if task.timeout is not None:
+            task.timer = loop.call_later(task.timeout, self._on_timeout, task)
+        task.watcher = watcher = loop.create_task(self._watch(task), name=f"procpool-dask-watch-{task.id}")
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, task: DaskTask) -> None:
+        """Wait for a running task's Dask future and resolve the caller's future from it."""
+        assert task.dask_future is not None
+        try:
+            ok, data = await task.dask_future
+        except distributed.client.FutureCancelledError as exc:
+            if task.state == "done":
+                return  # we let it go: timed out, cancelled by its caller, or shut down
+            if exc.reason == "scheduler-connection-lost":
+                self.on_scheduler_lost("the connection closed under a running task (scheduler-connection-lost)")
+            else:
+                self._failed(task, BrokenPool(f"dask cancelled the task ({exc.reason}): {exc.msg or ''}"))
+            return
+        except distributed.scheduler.KilledWorker as exc:
+            self.worker_lost(task.slot, str(exc), task)
+            return
+        except (OSError, distributed.comm.core.CommClosedError) as exc:
+            # The result could not be fetched: the worker or the scheduler went away.
+            self.worker_lost(task.slot, f"the result could not be fetched: {type(exc).__name__}: {exc}", task)
+            return
+        except Exception as exc:  # a Dask-side failure: the worker could not run run_call at all
+            self._failed(task, exc)
+            return
+        if task.state == "done":
+            return
+        slot = task.slot
+        assert slot is not None
+        task.duration = time.monotonic() - task.started
+        if ok:
+            try:
+                value = pickle.loads(data)
+            except BaseException as err:  # unpickling runs the sender's code: SystemExit included
+                error = SerializationError(f"the task's result could not be unpickled in the parent: {err!r}")
+                self._failed(task, error)
+                return
+            slot.tasks_succeeded += 1
+            slot.consecutive_failures = 0
+            self._finish(task, True, value)
+        else:
+            slot.tasks_failed += 1
+            slot.consecutive_failures += 1
+            self._finish(task, False, decode_error(data))
+
+    def _finish(self, task: DaskTask, ok: bool, value: Any) -> None:
+        """A task ended on its worker: free the slot, resolve, send the next task."""
+        task.dask_future = None  # the cluster may forget the result now
+        slot = task.slot
+        if slot is not None and slot.task is task:
+            slot.task = None
+            slot.tasks_processed += 1
+            slot.last_activity = time.time()
+            if task.duration is not None:
+                slot.processing_time += task.duration
+                self.counts.latencies.append(task.duration)
+        self.resolve(task, ok, value)
+        self.dispatch()
+
+    def _failed(self, task: DaskTask, error: BaseException) -> None:
+        if task.slot is not None:
+            task.slot.tasks_failed += 1
+            task.slot.consecutive_failures += 1
+        self._finish(task, False, error)
+
+    def resolve(self, task: DaskTask, ok: bool, value: Any) -> None:
+        """Resolve a task's future once, and count the outcome."""
+        task.state = "done"
+        if task.timer is not None:
+            task.timer.cancel()
+            task.timer = None
+        future = task.future
+        if future.done():
+            return
+        if ok:
+            self.counts.tasks_completed += 1
+            future.set_result(value)
+        else:
+            self.counts.tasks_failed += 1
+            future.set_exception(task_error(value))
+
+    def _forget(self, task: DaskTask) -> None:
+        """Settle a running task here: stop watching it and let Dask forget it."""
+        task.state = "done"
+        if task.watcher is not None and task.watcher is not asyncio.current_task():
+            task.watcher.cancel()
+        if task.dask_future is not None:
+            with contextlib.suppress(Exception):
+                task.dask_future.release()  # type: ignore[no-untyped-call]
+            task.dask_future = None
+
+    def _on_timeout(self, task: DaskTask) -> None:
+        task.timer = None
+        slot = task.slot
+        if task.state != "running" or slot is None or slot.task is not task:
+            return
+        self.counts.tasks_timed_out += 1
+        log.warning(
+            "task %s timed out after %s s on dask worker %s (pid %s); killing the worker",
+            task.id,
+            task.timeout,
+            slot.address,
+            slot.pid,
+        )
+        self.stop(slot, TaskTimeout(task.timeout or 0.0, slot.pid, f"dask worker {slot.address}"), "its task timed out")
+
+    def _on_cancel(self, task: DaskTask) -> None:
+        """A caller cancels a task's future: drop it if it has not started, else kill its worker."""
+        self.counts.tasks_cancelled += 1
+        if task.state == "pending":
+            with contextlib.suppress(ValueError):
+                self.pending.remove(task)
+            task.state = "done"
+            self.on_room(1)
+        elif task.state == "running" and task.slot is not None and task.slot.task is task:
+            task.state = "done"
+            if task.timer is not None:
+                task.timer.cancel()
+            self.stop(task.slot, None, "its task was cancelled")
+
+    def stop(self, slot: DaskWorker, error: BaseException | None, why: str) -> None:
+        """Fail (or drop) the slot's task and kill its worker, so the work really stops."""
+        task = slot.task
+        slot.task = None
+        if task is not None:
+            if error is not None:
+                self.resolve(task, False, error)
+            self._forget(task)
+        self.link.kill(slot, why)
+        self.dispatch()
+
+    def worker_lost(self, slot: DaskWorker | None, evidence: str, task: DaskTask | None = None) -> None:
+        """The slot's worker died (or left the cluster): its task fails with WorkerCrashed.
+
+        With ``task``, only if that task is still the slot's (the news may come late).
+        """
+        if slot is None or slot.address is None or (task is not None and slot.task is not task):
+            return
+        task = slot.task
+        pid, address = slot.pid, slot.address
+        log.warning("dask worker %s (%s, pid %s) died: %s", address, slot.worker_id, pid, evidence)
+        self.link.retire(slot)
+        slot.task = None
+        if task is not None and task.state != "done":
+            self.counts.tasks_crashed += 1
+            slot.tasks_failed += 1
+            slot.consecutive_failures += 1
+            error = WorkerCrashed(pid, None, f"dask worker {address} ({slot.worker_id}) was lost: {evidence}")
+            self.resolve(task, False, error)
+            self._forget(task)
+        self.dispatch()
+
+    def fail_all(self, error: BaseException, *, running: bool = True) -> None:
+        """Fail every queued task (and every running one, with ``running``) with ``error``."""
+        if running:
+            for slot in self.link.workers:
+                if slot.task is not None:
+                    self.resolve(slot.task, False, error)
+                    self._forget(slot.task)
+                    slot.task = None
+        while self.pending:
+            self.resolve(self.pending.popleft(), False, error)
+        self.on_room()
+
+    async def close(self) -> None:
+        """Stop watching: every task is resolved by now."""
+        for watcher in list(self._watchers):
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
