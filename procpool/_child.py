@@ -8,6 +8,7 @@ started). ``serve`` only calls ``.get()``/``.put()``, so a test can drive it wit
 
 from __future__ import annotations
 
+import collections
 import faulthandler
 import inspect
 import os
@@ -23,7 +24,8 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from procpool import _messages as m
-from procpool._messages import BEAT, CANCEL, CANCEL_RING, CURRENT
+from procpool import _shm
+from procpool._messages import BEAT, CANCEL, CANCEL_RING, CURRENT, RESULT_ACK
 from procpool.errors import SerializationError
 
 # prctl option: orphaned descendants are re-parented to this process instead of init (Linux).
@@ -39,24 +41,37 @@ _subreaper = False
 
 
 class _Queue(Protocol):
-    def get(self) -> bytes | None: ...
-    def put(self, data: bytes) -> None: ...
+    def get(self) -> Any: ...
+    def put(self, data: Any) -> None: ...
 
 
 class ConnectionQueue:
-    """A one-way ``multiprocessing`` Pipe end used as a queue of message bodies."""
+    """A one-way ``multiprocessing`` Pipe end used as a queue of message bodies.
+
+    It speaks Connection's wire format on the raw descriptor: one read takes every call the
+    parent has written (a batch of tiny tasks costs one syscall, not two per task), and a body
+    goes out with its header in one ``writev``, large buffers without being joined first.
+    """
 
     def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+        self.conn = conn  # owns the descriptor
+        self.fd = conn.fileno()
+        self._frames = m.FrameReader(self.fd)
+        self._bodies: collections.deque[Any] = collections.deque()
 
-    def get(self) -> bytes | None:
-        try:
-            return self.conn.recv_bytes()
-        except EOFError:  # the parent is gone
-            return None
+    def get(self) -> Any:
+        """The next body (a bytes-like object), or None once the parent is gone."""
+        while not self._bodies:
+            try:
+                self._bodies.extend(self._frames.read())
+            except (EOFError, OSError):
+                return None
+        return self._bodies.popleft()
 
-    def put(self, data: bytes) -> None:
-        self.conn.send_bytes(data)
+    def put(self, data: Any) -> None:
+        """Write one body: bytes-like, or a list of parts sent as one body."""
+        parts = data if type(data) is list else [data]
+        m.write_all(self.fd, [m.frame_header(sum(len(p) for p in parts)), *parts])
 
 
 def heartbeat() -> None:
@@ -98,20 +113,23 @@ def _run_coroutine(coro: Any) -> Any:
     return _loop.run_until_complete(coro)
 
 
-def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
+def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Arena | None = None) -> None:
     """Run calls until the parent sends EXIT or goes away."""
-    dumps = pickle.dumps
+    dumps = m.dumps
     loads = pickle.loads
     header = m.HEADER
     header_size = header.size
     reaping = _subreaper
     next_reap = 0
+    limit = 0 if arena is None else arena.limit
+    results = None if arena is None else _shm.Ring(arena.limit)
+    out: Any = None
     while True:
         data = call_queue.get()
         if data is None:
             return
         seq, kind = header.unpack_from(data)
-        if kind != m.CALL:
+        if kind != m.CALL and kind != m.CALL_OOB:
             return
         if state[CANCEL + seq % CANCEL_RING] == seq:
             result_queue.put(m.body(seq, m.SKIPPED))
@@ -120,7 +138,10 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
         state[BEAT] = started = time.monotonic_ns()
         try:
             try:
-                fn, args, kwargs = loads(memoryview(data)[header_size:])
+                if kind == m.CALL:
+                    fn, args, kwargs = loads(memoryview(data)[header_size:])
+                else:  # buffers are copied out of the arena here: the task owns what it gets
+                    fn, args, kwargs = m.loads(memoryview(data)[header_size:], arena.view if arena else None)
             except BaseException as exc:
                 raise SerializationError(f"the task could not be unpickled in the worker: {exc!r}") from exc
             del data
@@ -128,14 +149,19 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
             if inspect.isawaitable(result):
                 result = _run_coroutine(result)
             try:
-                reply = m.body(seq, m.OK, dumps(result, pickle.HIGHEST_PROTOCOL))
+                out = dumps(result, limit)
             except BaseException as exc:
                 raise SerializationError(
                     f"the task's result ({type(result).__qualname__}) could not be pickled: {exc!r}"
                 ) from exc
+            if type(out) is bytes:
+                reply: Any = m.body(seq, m.OK, out)
+            else:
+                assert arena is not None and results is not None
+                reply = _place_result(seq, out, arena, results, state)
         except BaseException as exc:
             reply = m.body(seq, m.ERROR, m.encode_error(exc))
-        fn = args = kwargs = result = None  # drop references before blocking again
+        fn = args = kwargs = result = out = None  # drop references before blocking again
         result_queue.put(reply)
         # Cleared only after the reply is out: a worker that dies before this point is judged to
         # have been running the task, so a task is never re-run after it may have had effects.
@@ -143,6 +169,24 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any) -> None:
         if reaping and started >= next_reap:
             next_reap = started + REAP_EVERY_NS
             reap_orphans()
+
+
+def _place_result(seq: int, out: m.OutOfBand, arena: _shm.Arena, ring: _shm.Ring, state: Any) -> Any:
+    """An OK_OOB reply: the result's buffers copied into the result area (or, if it is full of
+    results the parent has not read yet, sent inline in the reply itself)."""
+    ring.free_through(state[RESULT_ACK])  # the parent has copied those out
+    sizes = [_shm.aligned(b.nbytes) for b in out.buffers]
+    start = ring.alloc(sum(sizes), seq)
+    if start is None:
+        return [m.body(seq, m.OK_OOB), *out.inline_parts()]
+    at = arena.limit + start  # offsets are absolute in the arena
+    offsets = []
+    view = arena.view
+    for buf, size in zip(out.buffers, sizes, strict=True):
+        view[at : at + buf.nbytes] = buf
+        offsets.append(at)
+        at += size
+    return m.body(seq, m.OK_OOB, out.table(offsets, False))
 
 
 def become_subreaper() -> bool:
@@ -248,6 +292,8 @@ def main(
     initargs: tuple[Any, ...],
     stack_fd: int | None,
     lifeline: Any,
+    arena_fd: int | None = None,
+    arena_limit: int = 0,
 ) -> None:
     """Entry point of a worker process."""
     global _state, _handler, _subreaper
@@ -273,4 +319,4 @@ def main(
         results.put(m.body(os.getpid(), m.INIT_FAILED, traceback.format_exc().encode()))
         return
     results.put(m.body(os.getpid(), m.READY))
-    serve(calls, results, state)
+    serve(calls, results, state, None if arena_fd is None else _shm.Arena(arena_fd, arena_limit))

@@ -14,12 +14,14 @@ instances, and this is the hot path.
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+from procpool import _shm
 from procpool.errors import RemoteTraceback, SerializationError
 
 __all__ = ()
@@ -30,21 +32,34 @@ CURRENT = 0  # seq of the task running now, 0 when idle
 BEAT = 1  # time.monotonic_ns() of the task's start or its last heartbeat()
 CANCEL = 2  # CANCEL_RING slots: seq of a committed task cancelled before it started
 CANCEL_RING = 512
-STATE_SIZE = CANCEL + CANCEL_RING
+RESULT_ACK = CANCEL + CANCEL_RING  # seq of the last result whose shared-memory buffers the parent copied
+STATE_SIZE = RESULT_ACK + 1
 
 # parent -> child
 CALL = 1  # payload: pickle of (fn, args, kwargs)
 EXIT = 2  # no payload; the child leaves its loop
+CALL_OOB = 3  # payload: buffer table, then the pickle of (fn, args, kwargs) made with it
 # child -> parent
 READY = 10  # seq is the worker's pid; sent first
 INIT_FAILED = 11  # payload: utf-8 traceback of the failed handler import or initializer
 OK = 12  # payload: pickle of the result
 ERROR = 13  # payload: pickle of (type name, traceback text, pickle of the exception or None)
 SKIPPED = 14  # the task was cancelled before it started; it did not run
+OK_OOB = 15  # payload: buffer table, then the pickle of the result made with it
 
 HEADER = struct.Struct("!qB")
 _LENGTH = struct.Struct("!i")
 _HUGE_LENGTH = struct.Struct("!Q")
+# A buffer table: how many buffers, then for each its place and size. The place is an offset in
+# the sender's area of the arena, or, with INLINE, in the body after the pickle (the fallback when
+# the area is full). OWN marks buffers of bytes/bytearray/memoryview, which their own rebuild
+# function copies; any other (numpy's, a PickleBuffer's) is copied into a bytearray on arrival.
+_COUNT = struct.Struct("!HQ")  # buffer count, pickle length
+_ENTRY = struct.Struct("!QQB")  # offset, length, flags
+INLINE = 1
+OWN = 2
+# One read takes whatever the pipe holds, up to this much: many small messages per syscall.
+READ_SIZE = 1 << 18
 
 
 def body(seq: int, kind: int, payload: bytes = b"") -> bytes:
@@ -60,41 +75,290 @@ def frame(data: bytes) -> bytes:
     return _LENGTH.pack(n) + data
 
 
+def frame_header(n: int) -> bytes:
+    """Connection's length header for a body of ``n`` bytes written separately."""
+    if n > 0x7FFFFFFF:
+        return _LENGTH.pack(-1) + _HUGE_LENGTH.pack(n)
+    return _LENGTH.pack(n)
+
+
 class FrameReader:
-    """Cut a byte stream read from a pipe into message bodies."""
+    """Cut the byte stream of a pipe into message bodies, read from its descriptor.
 
-    __slots__ = ("_buffer",)
+    Bodies are memoryviews of the bytes read (no copy); a body too large for one read is read
+    straight into a buffer of its own size, so a large message is copied once, by the kernel.
+    """
 
-    def __init__(self) -> None:
-        self._buffer = bytearray()
+    __slots__ = ("_big", "_big_view", "_filled", "_rest", "fd")
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add bytes just read from the pipe; return every body now complete."""
-        buf = self._buffer
-        buf += data
-        bodies = []
+    def __init__(self, fd: int = -1) -> None:
+        self.fd = fd
+        # The start of a frame that is not complete yet (small: a copy is cheap).
+        self._rest = b""
+        # A large body being read in place, and how much of it has arrived.
+        self._big: bytearray | None = None
+        self._big_view: memoryview | None = None
+        self._filled = 0
+
+    def read(self) -> list[Any]:
+        """Read once from the pipe; return the bodies now complete. EOFError at end of file."""
+        if self._big_view is not None:
+            n = os.readv(self.fd, [self._big_view[self._filled :]])
+            if not n:
+                raise EOFError
+            self._filled += n
+            if self._filled < len(self._big_view):
+                return []
+            big = self._big
+            self._big = self._big_view = None
+            return [big]
+        data = os.read(self.fd, READ_SIZE)
+        if not data:
+            raise EOFError
+        return self.feed(data)
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add bytes read from the pipe; return every body now complete."""
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        view = memoryview(data)
+        bodies: list[Any] = []
         start = 0
-        end = len(buf)
+        end = len(data)
         while end - start >= 4:
-            (n,) = _LENGTH.unpack_from(buf, start)
+            (n,) = _LENGTH.unpack_from(data, start)
             head = 4
             if n == -1:
                 if end - start < 12:
                     break
-                (n,) = _HUGE_LENGTH.unpack_from(buf, start + 4)
+                (n,) = _HUGE_LENGTH.unpack_from(data, start + 4)
                 head = 12
-            if end - start < head + n:
+            stop = start + head + n
+            if stop > end:
+                if n > READ_SIZE:  # read the rest of this body in place
+                    self._big = bytearray(n)
+                    self._big_view = memoryview(self._big)
+                    self._filled = end - start - head
+                    self._big_view[: self._filled] = view[start + head : end]
+                    return bodies
                 break
-            bodies.append(bytes(buf[start + head : start + head + n]))
-            start += head + n
-        del buf[:start]
+            bodies.append(view[start + head : stop])
+            start = stop
+        if start < end:
+            self._rest = bytes(view[start:end])
         return bodies
 
 
+# -- pickling with out-of-band buffers ---------------------------------------------------------
+
+
+class OutOfBand(bytes):
+    """A pickle (these bytes) whose large buffers travel beside it, through shared memory.
+
+    ``buffers`` are views of the sender's own objects: they are copied into the arena when the
+    message is written to a worker (at once when a worker is idle, else when one frees up). A
+    bytes subclass, so that a call's payload is bytes wherever it is queued.
+    """
+
+    buffers: list[memoryview]
+    flags: list[int]
+    nbytes: int
+
+    def __new__(cls, data: bytes, buffers: list[memoryview], flags: list[int]) -> OutOfBand:
+        self = super().__new__(cls, data)
+        self.buffers = buffers
+        self.flags = flags
+        self.nbytes = sum(b.nbytes for b in buffers)
+        return self
+
+    def table(self, offsets: list[int], inline: bool) -> bytes:
+        """The buffer table and the pickle, for a body (``offsets`` in the area or the body)."""
+        flags = INLINE if inline else 0
+        parts = [_COUNT.pack(len(self.buffers), len(self))]
+        parts += [
+            _ENTRY.pack(o, b.nbytes, f | flags) for o, b, f in zip(offsets, self.buffers, self.flags, strict=True)
+        ]
+        parts.append(self)
+        return b"".join(parts)
+
+    def inline_parts(self) -> list[Any]:
+        """The table and the buffers themselves, to write in one body when the area is full."""
+        offsets = []
+        at = 0
+        for b in self.buffers:
+            offsets.append(at)
+            at += b.nbytes
+        return [self.table(offsets, True), *self.buffers]
+
+
+class _Own:
+    """A large bytes, bytearray or memoryview at the top of a message: pickled out of band."""
+
+    __slots__ = ("obj", "own")
+
+    def __init__(self, obj: Any, own: set[int]) -> None:
+        self.obj = obj
+        # ids of the PickleBuffers made here: their rebuild function copies, so they can be
+        # handed the shared memory itself (numpy's would keep a view of it).
+        self.own = own
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        obj = self.obj
+        if type(obj) is memoryview:
+            # A copy, not a PickleBuffer over the caller's memoryview: that would hold an export
+            # of it, and a memoryview with exports that ends in a reference cycle crashes the
+            # garbage collector (CPython's memory_clear); a copy is also a snapshot.
+            buf = pickle.PickleBuffer(obj.tobytes())
+            self.own.add(id(buf))
+            return (_rebuild_view, (buf, obj.readonly, obj.format, obj.shape))
+        buf = pickle.PickleBuffer(obj)
+        self.own.add(id(buf))
+        return (_rebuild_bytes if type(obj) is bytes else _rebuild_bytearray, (buf,))
+
+
+def _rebuild_bytes(buf: Any) -> bytes:
+    return bytes(buf)
+
+
+def _rebuild_bytearray(buf: Any) -> bytearray:
+    return bytearray(buf)
+
+
+def _rebuild_view(buf: Any, readonly: bool, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    data = bytes(buf) if readonly else bytearray(buf)
+    view: Any = memoryview(data)
+    return view if fmt == "B" and len(shape) == 1 else view.cast(fmt, shape)  # type: ignore[no-any-return]
+
+
+_LARGE_TYPES = (bytes, bytearray, memoryview)
+
+
+def _wrap(obj: Any, threshold: int, own: set[int]) -> Any:
+    """``obj`` with a large bytes/bytearray/memoryview at its top level (or one level into a short
+    tuple or list) marked for out-of-band pickling; the pickler never offers them on its own."""
+    t = type(obj)
+    if t is memoryview:  # it has no pickle of its own
+        return _Own(obj, own) if obj.contiguous else obj
+    if t is bytes or t is bytearray:
+        return _Own(obj, own) if len(obj) >= threshold else obj
+    if (t is tuple or t is list) and len(obj) <= 16:
+        items = [_wrap(x, threshold, own) if type(x) in _LARGE_TYPES else x for x in obj]
+        if any(type(x) is _Own for x in items):
+            return tuple(items) if t is tuple else items
+    return obj
+
+
+def dumps(
+    obj: Any, limit: int | None = None, threshold: int = _shm.THRESHOLD, own: set[int] | None = None
+) -> bytes | OutOfBand:
+    """Pickle ``obj``; buffers of at least ``threshold`` bytes are left out of band (protocol 5).
+
+    Returns plain bytes when there are none. SerializationError when they add up to more than
+    ``limit`` bytes (None: ``PROCPOOL_SHM_LIMIT_MB``, read only then). With ``limit`` 0
+    everything is in band.
+    """
+    if own is None:  # else the caller has wrapped what needs it
+        own = set()
+        obj = _wrap(obj, threshold, own)
+    if limit is not None and limit <= 0:
+        return pickle.dumps(obj, 5)  # the wrapped buffers go in band too
+    buffers: list[memoryview] = []
+    flags: list[int] = []
+
+    def take(buf: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buf.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if raw.nbytes < threshold:
+            return True
+        buffers.append(raw)
+        flags.append(OWN if id(buf) in own else 0)
+        return False
+
+    data = pickle.dumps(obj, 5, buffer_callback=take)
+    if not buffers:
+        return data
+    if limit is None:
+        limit = _shm.limit_from_env()
+        if limit <= 0:
+            return pickle.dumps(obj, 5)
+    message = OutOfBand(data, buffers, flags)
+    if message.nbytes > limit:
+        mib = 1024 * 1024
+        raise SerializationError(
+            f"its buffers add up to {message.nbytes / mib:.1f} MiB, over the shared-memory limit of "
+            f"{limit / mib:.0f} MiB per message (raise PROCPOOL_SHM_LIMIT_MB before the pool starts)"
+        )
+    return message
+
+
+def write_all(fd: int, parts: list[Any]) -> None:
+    """Write ``parts`` (bytes-like, one byte per item) to a blocking descriptor, whole."""
+    while parts:
+        n = os.writev(fd, parts) if len(parts) > 1 else os.write(fd, parts[0])
+        while parts and n >= len(parts[0]):
+            n -= len(parts[0])
+            parts.pop(0)
+        if n:
+            parts[0] = memoryview(parts[0])[n:]
+
+
+def spans(payload: Any) -> list[tuple[int, int]]:
+    """(offset, length) of each buffer of a buffer table that lies in the arena."""
+    count, _ = _COUNT.unpack_from(payload)
+    out = []
+    for i in range(count):
+        offset, length, flag = _ENTRY.unpack_from(payload, _COUNT.size + i * _ENTRY.size)
+        if not flag & INLINE:
+            out.append((offset, length))
+    return out
+
+
+def loads(payload: Any, area: memoryview | None) -> Any:
+    """Unpickle a buffer table and its pickle; buffers come from ``area`` or from the payload.
+
+    Every buffer is copied out (into the object that uses it), so the result owns its memory and
+    the area can be reused as soon as this returns.
+    """
+    count, size = _COUNT.unpack_from(payload)
+    at = _COUNT.size
+    entries = []
+    for _ in range(count):
+        entries.append(_ENTRY.unpack_from(payload, at))
+        at += _ENTRY.size
+    data = payload[at : at + size]
+    inline_base = at + size
+    buffers: list[Any] = []
+    for offset, length, flag in entries:
+        if flag & INLINE:
+            src = payload[inline_base + offset : inline_base + offset + length]
+        else:
+            assert area is not None
+            src = area[offset : offset + length]
+        buffers.append(src if flag & OWN else bytearray(src))
+    return pickle.loads(data, buffers=buffers)
+
+
 def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Pickle a call in the caller, so a bad argument fails there and nothing is sent."""
+    """Pickle a call in the caller, so a bad argument fails there and nothing is sent.
+
+    Large buffers (numpy arrays, and bytes, bytearray or memoryview arguments) are left out of
+    band, to travel through shared memory: see ``dumps``.
+    """
+    sent_args, sent_kwargs = args, kwargs
+    own: set[int] = set()
+    for a in args:
+        if type(a) in _LARGE_TYPES:
+            sent_args = tuple(_wrap(a, _shm.THRESHOLD, own) for a in args)
+            break
+    if kwargs:
+        sent_kwargs = {k: _wrap(v, _shm.THRESHOLD, own) for k, v in kwargs.items()}
     try:
-        return pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+        return dumps((fn, sent_args, sent_kwargs), own=own)
+    except SerializationError as exc:
+        raise SerializationError(f"cannot send the task to a worker: {exc}") from None
     except Exception as exc:
         culprit = _find_unpicklable(fn, args, kwargs)
         hint = ""

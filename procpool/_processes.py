@@ -25,9 +25,14 @@ from typing import Any
 import attrs
 import psutil
 
-from procpool import _child
+from procpool import _child, _shm
 
 __all__ = ("Launch",)
+
+# fcntl's F_SETPIPE_SZ (Linux; Python names it from 3.10 on some builds only).
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# Pipe capacity asked for (the default is 64 KiB; 1 MiB is what an unprivileged process may ask).
+PIPE_SIZE = 1 << 20
 
 
 @attrs.frozen
@@ -39,6 +44,9 @@ class Launch:
     handler: str | None
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...]
+    # Largest sum of buffers one message may move through shared memory (0: none do), read
+    # from PROCPOOL_SHM_LIMIT_MB when the pool starts.
+    shm_limit: int = attrs.field(factory=_shm.limit_from_env)
 
 
 _lifeline: Any = None
@@ -173,13 +181,26 @@ def _reap_server(pid: int, loop: Any, delay: float, deadline: float) -> None:
         loop.call_later(delay, _reap_server, pid, loop, min(delay * 2, 1.0), deadline)
 
 
-def start_worker(launch: Launch, shared: Any, name: str) -> tuple[Any, Any, Any, int | None]:
-    """Start a worker process; return it, the parent's ends of its call and result pipes, and
-    the anonymous file its faulthandler writes stacks to (None where none could be made)."""
+def grow_pipe(fd: int) -> None:
+    """Make a pipe hold PIPE_SIZE bytes (Linux), so large messages take fewer writes and reads
+    and fewer wake-ups; quietly keep the default where the kernel refuses (pipe-max-size)."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
+
+
+def start_worker(launch: Launch, shared: Any, name: str) -> tuple[Any, Any, Any, int | None, int | None]:
+    """Start a worker process; return it, the parent's ends of its call and result pipes, the
+    anonymous file its faulthandler writes stacks to and its shared-memory arena (None where
+    none could be made or shared memory is off)."""
     ctx = launch.ctx
     call_r, call_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
+    grow_pipe(call_w.fileno())
+    grow_pipe(result_r.fileno())
     stack_fd = anonymous_file()
+    arena_fd = _shm.create(launch.shm_limit) if launch.shm_limit > 0 else None
     process = ctx.Process(
         target=_child.main,
         args=(
@@ -191,6 +212,8 @@ def start_worker(launch: Launch, shared: Any, name: str) -> tuple[Any, Any, Any,
             launch.initargs,
             None if stack_fd is None else PassFd(stack_fd),
             lifeline(),
+            None if arena_fd is None else PassFd(arena_fd),
+            launch.shm_limit,
         ),
         name=name,
     )
@@ -206,13 +229,14 @@ def start_worker(launch: Launch, shared: Any, name: str) -> tuple[Any, Any, Any,
     except BaseException:
         call_w.close()
         result_r.close()
-        if stack_fd is not None:
-            os.close(stack_fd)
+        for fd in (stack_fd, arena_fd):
+            if fd is not None:
+                os.close(fd)
         raise
     finally:
         call_r.close()
         result_w.close()
-    return process, call_w, result_r, stack_fd
+    return process, call_w, result_r, stack_fd, arena_fd
 
 
 def descendants(pid: int | None) -> list[psutil.Process]:

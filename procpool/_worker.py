@@ -39,6 +39,7 @@ import psutil
 
 from procpool import _messages as m
 from procpool import _processes as proc
+from procpool._channel import Channel
 from procpool._stats import WorkerStatistics, worker_dict
 from procpool._task import Task, TaskState
 from procpool.errors import SerializationError
@@ -47,8 +48,6 @@ __all__ = ("Worker", "WorkerEvents", "WorkerExit", "WorkerState")
 
 log = logging.getLogger("procpool.worker")
 
-# One read takes whatever the pipe holds, up to this much: many small results per syscall.
-READ_SIZE = 1 << 18
 # Collecting a dead worker's exit status: first retry after this many seconds (doubling up to
 # 0.1 s); a process that closed its sentinel but lives on is killed after REAP_PATIENCE seconds.
 REAP_FIRST_DELAY = 0.001
@@ -146,9 +145,8 @@ class Worker:
     _result_fd: int = -1
     # The Connection objects own the pipes' file descriptors.
     _conns: tuple[Any, ...] = ()
-    _frames: m.FrameReader = attrs.Factory(m.FrameReader)
-    # Bytes the call pipe would not take yet; written when it drains.
-    _out: bytearray = attrs.Factory(bytearray)
+    # Writes, reads and shared memory of the current process.
+    _channel: Channel | None = None
     _sentinel: int | None = None
     # A pidfd of the process (Linux); the fork server that started it, and whether that server
     # has died since: its status pipe (the sentinel) then reads EOF, so the pidfd is watched.
@@ -176,7 +174,9 @@ class Worker:
         else:
             for i in range(m.STATE_SIZE):
                 self.shared[i] = 0
-        process, call_w, result_r, stack_fd = proc.start_worker(launch, self.shared, f"procpool-{self.worker_id}")
+        process, call_w, result_r, stack_fd, arena_fd = proc.start_worker(
+            launch, self.shared, f"procpool-{self.worker_id}"
+        )
         self.restarts += self._spawned
         self._spawned = True
         self._pidfd = proc.open_pidfd(process.pid)
@@ -193,14 +193,11 @@ class Worker:
         self._kill_seq = 0
         self.sent_count = 0
         self._next_seq = 0
-        self._frames = m.FrameReader()
-        self._out = bytearray()
         self._psutil = None
         self._conns = (call_w, result_r)
         self._call_fd = call_w.fileno()
         self._result_fd = result_r.fileno()
-        os.set_blocking(self._call_fd, False)
-        os.set_blocking(self._result_fd, False)
+        self._channel = Channel(loop, self._call_fd, self._result_fd, arena_fd, launch.shm_limit, self.shared)
         self._sentinel = process.sentinel
         loop.add_reader(self._result_fd, self._on_readable)
         loop.add_reader(self._sentinel, self._on_exit)
@@ -222,10 +219,12 @@ class Worker:
 
     def close_files(self) -> None:
         """Close the descriptors the slot holds for its process (its loop may be gone)."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         for conn in self._conns:
             conn.close()
         self._conns = ()
-        self._out = bytearray()
         if self.process is not None:
             self.process.close()
             self.process = None
@@ -375,9 +374,7 @@ class Worker:
         """Write tasks to the worker's call pipe in one syscall; they run in this order."""
         if not self.in_flight:
             self.head_started = time.monotonic()
-        chunks = []
-        frame = m.frame
-        body = m.body
+        calls = []
         self.sent_count += len(tasks)
         for task in tasks:
             self._next_seq += 1
@@ -387,14 +384,16 @@ class Worker:
             task.pid = self.pid
             task.state = TaskState.SENT
             self.in_flight.append(task)
-            chunks.append(frame(body(task.seq, m.CALL, task.payload)))
+            calls.append((task.seq, task.payload))
         if self.state is WorkerState.IDLE:
             self.state = WorkerState.BUSY
-        self._write(b"".join(chunks))
+        if self._channel is not None:
+            self._channel.send(calls)
 
     def send_exit(self) -> None:
         """Ask the child to leave its loop once it has run what it holds."""
-        self._write(m.frame(m.body(0, m.EXIT)))
+        if self._channel is not None:
+            self._channel.write([m.frame(m.body(0, m.EXIT))])
 
     def retire(self) -> bool:
         """Take no more work; exit after the tasks already written (recycling). False if it can't."""
@@ -411,33 +410,6 @@ class Worker:
         elif not stuck and self.state is WorkerState.STUCK:
             self.state = WorkerState.BUSY
 
-    def _write(self, data: bytes) -> None:
-        if self._call_fd < 0:
-            return
-        if self._out:
-            self._out += data
-            return
-        try:
-            n = os.write(self._call_fd, data)
-        except BlockingIOError:
-            n = 0
-        except OSError:  # the child is gone; its sentinel reports the death
-            return
-        if n < len(data):
-            self._out += data[n:]
-            self._loop.add_writer(self._call_fd, self._on_writable)
-
-    def _on_writable(self) -> None:
-        try:
-            n = os.write(self._call_fd, self._out)
-        except BlockingIOError:
-            return
-        except OSError:
-            n = len(self._out)
-        del self._out[:n]
-        if not self._out:
-            self._loop.remove_writer(self._call_fd)
-
     def cancel_unstarted(self, task: Task) -> None:
         """Mark a task already written to the pipe so the child skips it."""
         self.shared[m.CANCEL + task.seq % m.CANCEL_RING] = task.seq
@@ -452,28 +424,29 @@ class Worker:
 
     def _drain(self) -> None:
         """Read every result the dead child managed to write."""
-        while self._result_fd >= 0:
+        while self._result_fd >= 0 and self._channel is not None:
             try:
-                data = os.read(self._result_fd, READ_SIZE)
-            except OSError:
+                bodies = self._channel.read()
+            except (EOFError, OSError):
                 return
-            if not data:
-                return
-            self._handle_bodies(self._frames.feed(data))
+            self._handle_bodies(bodies)
 
     def _on_readable(self) -> None:
+        if self._channel is None:
+            return
         try:
-            data = os.read(self._result_fd, READ_SIZE)
+            bodies = self._channel.read()
         except BlockingIOError:
             return
-        except OSError:
-            data = b""
-        if not data:  # the child closed its end; its sentinel will report the exit
+        except (EOFError, OSError):  # the child closed its end; its sentinel will report the exit
             self._loop.remove_reader(self._result_fd)
             return
-        self._handle_bodies(self._frames.feed(data))
+        self._handle_bodies(bodies)
 
-    def _handle_bodies(self, bodies: list[bytes]) -> None:
+    def _handle_bodies(self, bodies: list[Any]) -> None:
+        channel = self._channel
+        if channel is None:
+            return
         unpack = m.HEADER.unpack_from
         size = m.HEADER.size
         loads = pickle.loads
@@ -482,10 +455,10 @@ class Worker:
             task = None
             try:
                 _, kind = unpack(data)  # results arrive in the order the tasks were written
-                if kind == m.OK:
+                if kind == m.OK or kind == m.OK_OOB:
                     task = in_flight.popleft()
                     try:
-                        value = loads(memoryview(data)[size:])
+                        value = loads(data[size:]) if kind == m.OK else channel.load_result(task.seq, data[size:])
                     except BaseException as exc:  # unpickling runs the sender's code: SystemExit included
                         err = SerializationError(f"the task's result could not be unpickled in the parent: {exc!r}")
                         err.__cause__ = exc
@@ -504,7 +477,7 @@ class Worker:
                             self.state = WorkerState.IDLE
                         self.events.on_ready(self)
                 elif kind == m.INIT_FAILED:
-                    traceback = data[size:].decode(errors="replace")
+                    traceback = bytes(data[size:]).decode(errors="replace")
                     self._init_failure = f"its initializer or handler raised:\n{traceback}"
             except Exception as exc:  # a fault here costs this one task, never the results behind it
                 log.exception("worker %s: handling a message failed", self.worker_id)
@@ -514,6 +487,8 @@ class Worker:
                     task.future.set_exception(failure)
 
     def _finished(self, task: Task, ok: bool | None, value: Any) -> None:
+        if self._channel is not None:
+            self._channel.call_done(task.seq)  # the child is done with the call's shared memory
         now = time.monotonic()
         duration: float | None = None
         if ok is not None:

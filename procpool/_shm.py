@@ -1,0 +1,153 @@
+"""Shared memory for large buffers: one anonymous arena per worker process, and its allocator.
+
+Each worker process gets one ``memfd`` (an anonymous file: no name in ``/dev/shm``, nothing for a
+resource tracker to clean up; the kernel frees it with its last descriptor and mapping, however
+the parent and the worker die). It is ``2 * limit`` bytes long, sparse, and both sides map all of
+it once, so it never has to be resized or remapped:
+
+    [0, limit)          the call area: the parent writes calls' buffers, the worker reads them
+    [limit, 2 * limit)  the result area: the worker writes results' buffers, the parent reads them
+
+Each area has exactly one writer, which allocates from a FIFO ring (``Ring``): messages on one
+pipe are consumed in the order they were written, so space is freed in the order it was taken.
+The parent frees a call's space when that call's reply arrives (the worker copied the buffers
+out when it started the task); the worker frees a result's space once the parent has written the
+result's seq to the shared ``RESULT_ACK`` slot (the parent has copied the buffers out).
+
+Pages above ``RETAIN`` in an area go back to the kernel as soon as the message using them is
+consumed, so a pool that once moved a 1 GiB array does not keep 1 GiB of memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+
+__all__ = ("Arena", "Ring", "limit_from_env")
+
+# Out-of-band buffers at least this large travel through the arena; smaller ones are pickled
+# in-band (for them, a pipe write costs less than an allocation, a copy and a descriptor).
+THRESHOLD = 64 * 1024
+# The largest sum of out-of-band buffers in one message, and so each area's size, by default.
+# Larger messages fail with a clear error (SerializationError), never a hang nor an OOM.
+DEFAULT_LIMIT_MB = 1024
+LIMIT_ENV = "PROCPOOL_SHM_LIMIT_MB"
+# Bytes at the start of each area whose pages stay resident between messages: moving a 64 MiB
+# array again does not fault its pages in again. Above it, pages are returned after each message.
+RETAIN = 96 * 1024 * 1024
+# Buffers start on cache-line boundaries (and numpy's dtypes on their natural alignment).
+ALIGN = 64
+
+
+def limit_from_env() -> int:
+    """The per-message limit in bytes (``PROCPOOL_SHM_LIMIT_MB``, 0 turns shared memory off)."""
+    text = os.environ.get(LIMIT_ENV)
+    if text is None or not text.strip():
+        return DEFAULT_LIMIT_MB * 1024 * 1024
+    try:
+        mb = float(text)
+    except ValueError:
+        raise ValueError(f"{LIMIT_ENV} must be a number of megabytes, got {text!r}") from None
+    if not mb >= 0:
+        raise ValueError(f"{LIMIT_ENV} must be at least 0 (0 turns shared memory off), got {text!r}")
+    return int(mb * 1024 * 1024)
+
+
+def create(limit: int) -> int | None:
+    """A sparse anonymous file for one worker's two areas, or None where there is no memfd."""
+    try:
+        fd = os.memfd_create("procpool-arena", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        return None
+    try:
+        os.ftruncate(fd, 2 * limit)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def aligned(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+class Ring:
+    """A FIFO allocator over ``[0, size)``: regions are freed in the order they were taken."""
+
+    __slots__ = ("live", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        # (tag, start, end) of the regions in use, oldest first; tags only grow.
+        self.live: collections.deque[tuple[int, int, int]] = collections.deque()
+
+    def alloc(self, n: int, tag: int) -> int | None:
+        """The start of ``n`` free bytes (aligned), or None when the ring has no such room now."""
+        n = aligned(max(n, 1))
+        live = self.live
+        if not live:
+            start = 0
+        else:
+            oldest = live[0][1]
+            newest_start, head = live[-1][1], live[-1][2]
+            if newest_start >= oldest:  # in use: [oldest, head); free: [head, size) and [0, oldest)
+                if head + n <= self.size:
+                    start = head
+                elif n <= oldest:
+                    start = 0
+                else:
+                    return None
+            elif head + n <= oldest:  # wrapped; in use: [0, head) and [oldest, size)
+                start = head
+            else:
+                return None
+        if start + n > self.size:
+            return None
+        live.append((tag, start, start + n))
+        return start
+
+    def free_through(self, tag: int) -> list[tuple[int, int]]:
+        """Free every region tagged ``tag`` or earlier; return their (start, end)."""
+        freed = []
+        live = self.live
+        while live and live[0][0] <= tag:
+            _, start, end = live.popleft()
+            freed.append((start, end))
+        return freed
+
+
+class Arena:
+    """One process's mapping of a worker's arena file (both areas)."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.limit = limit
+        self._map = mmap.mmap(fd, 2 * limit)
+        self.view = memoryview(self._map)
+
+    def release(self, base: int, start: int, end: int) -> None:
+        """Give back the pages of ``[start, end)`` of the area at ``base`` that lie above RETAIN."""
+        start = max(start, RETAIN)
+        if end <= start:
+            return
+        page = mmap.PAGESIZE
+        start = base + (start + page - 1) // page * page
+        end = base + end // page * page
+        if end > start:
+            try:
+                self._map.madvise(mmap.MADV_REMOVE, start, end - start)
+            except (AttributeError, OSError, ValueError):  # pragma: no cover - no MADV_REMOVE
+                pass
+
+    def close(self) -> None:
+        """Unmap the arena and close its descriptor (the kernel frees it with the last one)."""
+        try:
+            self.view.release()
+            self._map.close()
+        except BufferError:  # pragma: no cover - a view is still alive; the GC unmaps it
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:  # pragma: no cover
+            pass

@@ -1,0 +1,66 @@
+"""Task functions for the data-plane tests: they live in a module so workers can import them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+
+def identity(value: Any) -> Any:
+    return value
+
+
+def pair(a: Any, b: Any) -> tuple[Any, Any]:
+    return a, b
+
+
+def fill(n: int, byte: int = 7) -> bytes:
+    return bytes([byte]) * n
+
+
+def array(n: int) -> Any:
+    import numpy as np
+
+    return np.arange(n, dtype=np.int64)
+
+
+def total(value: Any) -> int:
+    import numpy as np
+
+    return int(np.asarray(value).sum())
+
+
+def keep(value: Any) -> int:
+    """Keep the argument in the worker across tasks (it must not change under the next call)."""
+    global _kept
+    _kept = value
+    return len(value)
+
+
+def kept() -> Any:
+    return _kept
+
+
+_kept: Any = None
+
+
+def kill_self_after_copy(value: Any) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_with(value: Any, seconds: float) -> int:
+    time.sleep(seconds)
+    return len(value)
+
+
+def arena_fds() -> list[str]:
+    """What the worker's descriptors point to, for the leak tests."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return out
