@@ -107,22 +107,6 @@ class WorkerPool:
             start_timeout=start_timeout,
             **options,
         )
-        if pool_id is not None and (not isinstance(pool_id, str) or not pool_id):
-            raise TypeError(f"pool_id must be a non-empty string or None, got {pool_id!r}")
-        options: dict[str, Any] = {"start_method": start_method} if start_method is not None else {}
-        self.config = PoolConfig(
-            handler=handler,
-            task_timeout=task_timeout,
-            initializer=initializer,
-            initargs=initargs,
-            max_pending=max_pending,
-            stuck_after=stuck_after,
-            replace_stuck=replace_stuck,
-            max_tasks_per_worker=max_tasks_per_worker,
-            max_memory_mb=max_memory_mb,
-            start_timeout=start_timeout,
-            **options,
-        )
         self.pool_id = pool_id or f"pool-{os.getpid()}-{next(_pool_numbers)}"
         self._counters = Counters()
         self._supervisor = Supervisor(self.pool_id, self.config, self._counters)
