@@ -36,17 +36,19 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Sized
 from typing import Any
 
-from procpool import POOL_SIZE, PoolState, TaskReport, _dask_worker
+from procpool import POOL_SIZE, PoolState, PoolStatistics, TaskReport, _dask_worker
 from procpool._dask_link import ClusterLink
 from procpool._dask_slots import (
     DaskTask,
     DaskWorker,
+    check_open,
     check_seconds,
     decode_error,
     handler_path,
     pickle_call,
     pool_health,
     prompt_call,
+    status_dict,
 )
 from procpool._dask_tasks import TaskBook
 from procpool._progress import ProgressArg, make_progress
@@ -144,8 +146,6 @@ class DaskPool:
         self._starting: asyncio.Task[None] | None = None
         self._closed_event: asyncio.Event | None = None
         self._broken_cause: str | None = None
-        self.created_at = time.time()
-        self.started_at: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -219,7 +219,7 @@ class DaskPool:
             await self._link.close()
             return
         self._state = PoolState.RUNNING
-        self.started_at = time.time()
+        self._tasks.started_at = time.time()
         self._started.set_result(None)
         self._link.start_supervising()
         self._tasks.sending = True
@@ -488,8 +488,6 @@ class DaskPool:
             for task, _ in window:
                 task.future.cancel()
 
-    # -- internals: submission and dispatch --------------------------------------------------------
-
     def _timeout_or_default(self, timeout: Any) -> float | None:
         return self.task_timeout if timeout is None else check_seconds(timeout, "timeout")
 
@@ -497,19 +495,7 @@ class DaskPool:
         return prompt_call(self.pool_id, self._handler_path, prompt, context), self._timeout_or_default(timeout)
 
     def _check_open(self) -> None:
-        state = self._state
-        if state is PoolState.RUNNING or state is PoolState.STARTING:
-            if asyncio._get_running_loop() is not self._loop:
-                raise RuntimeError(
-                    f"pool {self.pool_id!r} was called outside the event loop it was started on; call it "
-                    "from that loop's thread"
-                )
-            return
-        if state is PoolState.INITIAL:
-            raise RuntimeError(f"pool {self.pool_id!r} is not started: await pool.initialize() or use 'async with'")
-        if state is PoolState.BROKEN:
-            raise BrokenPool(self._broken_cause)
-        raise PoolClosed(f"pool {self.pool_id!r} is shut down")
+        check_open(self.pool_id, self._state, self._loop, self._broken_cause)
 
     async def _wait_ready_for_work(self) -> None:
         """Start the pool if needed, then wait until the pending queue has room."""
@@ -569,25 +555,40 @@ class DaskPool:
             "workers": [w.get_status() for w in self.workers],
         }
 
+    @property
+    def workers_healthy(self) -> int:
+        """How many of the three workers are healthy now."""
+        return self._health()[2]
+
+    @property
+    def recent_failures(self) -> int:
+        """Failures in a row, summed over the three workers (for selectors)."""
+        return sum(w.consecutive_failures for w in self.workers)
+
+    def statistics(self) -> PoolStatistics:
+        """The pool's figures now, as a frozen [`PoolStatistics`][procpool.PoolStatistics]."""
+        return self._tasks.statistics(self.pool_id, self._state.value, self._health())
+
+    async def wait_healthy(self, timeout: float | None = None) -> None:
+        """Wait until the pool is RUNNING with three healthy workers (starting it if needed).
+
+        Args:
+            timeout: seconds to wait at most (None: as long as it takes).
+
+        Raises:
+            TimeoutError: not healthy within ``timeout``. BrokenPool, PoolClosed: as ``apply``.
+        """
+        async with asyncio.timeout(check_seconds(timeout, "timeout")):
+            if self._state is PoolState.INITIAL:
+                await self.initialize()
+            while self.health != "healthy":
+                self._check_open()
+                await self._tasks.wait_change()
+
     def get_status(self) -> dict[str, Any]:
         """A JSON-ready snapshot of the pool's state and statistics (``backend`` is ``"dask"``)."""
-        status, reason, healthy = self._health()
-        return {
-            "pool_id": self.pool_id,
-            "backend": "dask",
-            "scheduler_address": self.scheduler_address,
-            "state": self._state.value,
-            "running": self.running,
-            "health": status,
-            "health_reason": reason,
-            "workers_count": POOL_SIZE,
-            "workers_healthy": healthy,
-            **self._tasks.status(),
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "handler": self._handler_path,
-            "workers": [w.get_status() for w in self.workers],
-        }
+        status = status_dict(self.statistics(), self.workers)
+        return {**status, "scheduler_address": self.scheduler_address, "handler": self._handler_path}
 
     def __repr__(self) -> str:
         counts = self._tasks.counts

@@ -21,8 +21,8 @@ import attrs
 import cloudpickle
 import distributed
 
-from procpool import POOL_SIZE, PoolState, _dask_worker
-from procpool.errors import RemoteTraceback, SerializationError
+from procpool import POOL_SIZE, PoolState, PoolStatistics, WorkerStatistics, _dask_worker
+from procpool.errors import BrokenPool, PoolClosed, RemoteTraceback, SerializationError
 
 __all__ = (
     "Counters",
@@ -30,6 +30,7 @@ __all__ = (
     "DaskWorker",
     "SlotState",
     "TaskFuture",
+    "check_open",
     "check_seconds",
     "decode_error",
     "handler_path",
@@ -37,6 +38,7 @@ __all__ = (
     "pickle_call",
     "pool_health",
     "prompt_call",
+    "status_dict",
 )
 
 # Failures in a row that make a slot unhealthy (as a local worker).
@@ -118,6 +120,23 @@ class DaskWorker:
             "last_activity": self.last_activity,
         }
 
+    def statistics(self) -> WorkerStatistics:
+        """This slot now, as a frozen snapshot."""
+        return WorkerStatistics(
+            worker_id=self.worker_id,
+            pid=self.pid,
+            state=self.activity,
+            healthy=self.is_healthy(),
+            restarts=self.restarts,
+            tasks_in_flight=int(self.task is not None),
+            tasks_processed=self.tasks_processed,
+            tasks_succeeded=self.tasks_succeeded,
+            tasks_failed=self.tasks_failed,
+            consecutive_failures=self.consecutive_failures,
+            processing_time=self.processing_time,
+            last_activity=self.last_activity,
+        )
+
     def __repr__(self) -> str:
         return f"<DaskWorker {self.worker_id} {self.address} pid={self.pid} {self.activity} restarts={self.restarts}>"
 
@@ -158,6 +177,21 @@ class TaskFuture(asyncio.Future[Any]):
         if hook is not None:
             hook()
         return super().cancel(msg)
+
+
+def check_open(pool_id: str, state: PoolState, loop: asyncio.AbstractEventLoop | None, broken: str | None) -> None:
+    """Raise what a call to a pool in ``state`` must raise (nothing when it takes work)."""
+    if state is PoolState.RUNNING or state is PoolState.STARTING:
+        if asyncio._get_running_loop() is not loop:
+            raise RuntimeError(
+                f"pool {pool_id!r} was called outside the event loop it was started on; call it from that loop's thread"
+            )
+        return
+    if state is PoolState.INITIAL:
+        raise RuntimeError(f"pool {pool_id!r} is not started: await pool.initialize() or use 'async with'")
+    if state is PoolState.BROKEN:
+        raise BrokenPool(broken)
+    raise PoolClosed(f"pool {pool_id!r} is shut down")
 
 
 def check_seconds(value: Any, name: str) -> float | None:
@@ -282,3 +316,33 @@ def pool_health(state: PoolState, broken_cause: str | None, workers: list[DaskWo
         if not w.is_healthy()
     ]
     return "degraded", "; ".join(sick), healthy
+
+
+def status_dict(stats: PoolStatistics, workers: list[DaskWorker]) -> dict[str, Any]:
+    """The seed API's JSON-ready pool status, built from a snapshot (as a local pool's)."""
+    return {
+        "pool_id": stats.pool_id,
+        "backend": "dask",
+        "state": stats.state,
+        "running": stats.state == PoolState.RUNNING.value,
+        "health": stats.health.value,
+        "health_reason": stats.health_reason,
+        "workers_count": POOL_SIZE,
+        "workers_healthy": stats.workers_healthy,
+        "queue_size": stats.queue_size,
+        "tasks_in_flight": stats.tasks_in_flight,
+        "tasks_submitted": stats.tasks_submitted,
+        "tasks_completed": stats.tasks_completed,
+        "tasks_failed": stats.tasks_failed,
+        "tasks_cancelled": stats.tasks_cancelled,
+        "tasks_timed_out": stats.tasks_timed_out,
+        "tasks_crashed": stats.tasks_crashed,
+        "workers_restarted": stats.workers_restarted,
+        "success_rate": stats.success_rate,
+        "latency_p50": stats.latency_p50,
+        "latency_p95": stats.latency_p95,
+        "latency_p99": stats.latency_p99,
+        "created_at": stats.created_at,
+        "started_at": stats.started_at,
+        "workers": [w.get_status() for w in workers],
+    }

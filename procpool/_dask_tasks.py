@@ -23,8 +23,9 @@ from typing import Any
 
 import distributed
 
+from procpool import Health, PoolStatistics
 from procpool._dask_link import ClusterLink
-from procpool._dask_slots import Counters, DaskTask, DaskWorker, SlotState, TaskFuture, decode_error, percentile
+from procpool._dask_slots import Counters, DaskTask, DaskWorker, SlotState, TaskFuture, decode_error
 from procpool.errors import BrokenPool, SerializationError, TaskTimeout, WorkerCrashed, task_error
 
 __all__ = ("TaskBook",)
@@ -48,6 +49,11 @@ class TaskBook:
         self.sending = False
         # Callers waiting for room in the pending queue, oldest first.
         self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Callers of wait_change(), woken by the next change.
+        self._change_waiters: list[asyncio.Future[None]] = []
+        # When the pool was made and started, for its statistics.
+        self.created_at = time.time()
+        self.started_at: float | None = None
         self._ids = itertools.count(1)
         # Watchers of running tasks, referenced until they end.
         self._watchers: set[asyncio.Task[None]] = set()
@@ -56,26 +62,43 @@ class TaskBook:
     def running(self) -> int:
         return sum(w.task is not None for w in self.link.workers)
 
-    def status(self) -> dict[str, Any]:
-        """The queue, the totals and the latency percentiles, for the pool's ``get_status()``."""
-        counts = self.counts
-        finished = counts.tasks_completed + counts.tasks_failed
-        latencies = sorted(counts.latencies)
-        return {
-            "queue_size": len(self.pending),
-            "tasks_in_flight": self.running,
-            "tasks_submitted": counts.tasks_submitted,
-            "tasks_completed": counts.tasks_completed,
-            "tasks_failed": counts.tasks_failed,
-            "tasks_cancelled": counts.tasks_cancelled,
-            "tasks_timed_out": counts.tasks_timed_out,
-            "tasks_crashed": counts.tasks_crashed,
-            "workers_restarted": sum(w.restarts for w in self.link.workers),
-            "success_rate": counts.tasks_completed / finished if finished else 1.0,
-            "latency_p50": percentile(latencies, 50),
-            "latency_p95": percentile(latencies, 95),
-            "latency_p99": percentile(latencies, 99),
-        }
+    def statistics(self, pool_id: str, state: str, health: tuple[str, str | None, int]) -> PoolStatistics:
+        """The pool's figures now, as a frozen snapshot (the same type a local pool returns)."""
+        counts, workers = self.counts, self.link.workers
+        return PoolStatistics(
+            pool_id=pool_id,
+            state=state,
+            health=Health(health[0]),
+            health_reason=health[1],
+            workers_healthy=health[2],
+            queue_size=len(self.pending),
+            tasks_in_flight=self.running,
+            tasks_submitted=counts.tasks_submitted,
+            tasks_completed=counts.tasks_completed,
+            tasks_failed=counts.tasks_failed,
+            tasks_cancelled=counts.tasks_cancelled,
+            tasks_timed_out=counts.tasks_timed_out,
+            tasks_crashed=counts.tasks_crashed,
+            workers_restarted=sum(w.restarts for w in workers),
+            workers_recycled=0,  # a Dask worker is never recycled
+            workers_stuck=0,  # nor judged stuck: a timeout is the only limit
+            recent_durations=tuple(counts.latencies),
+            created_at=self.created_at,
+            started_at=self.started_at,
+            workers=tuple(w.statistics() for w in workers),
+        )
+
+    async def wait_change(self) -> None:
+        """Wait until a task ends, a worker is lost or comes back, or the pool breaks."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._change_waiters.append(waiter)
+        await waiter
+
+    def _changed(self) -> None:
+        waiters, self._change_waiters = self._change_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def has_room(self) -> bool:
         """Whether a task may be queued now without overtaking a caller waiting for room."""
@@ -116,7 +139,8 @@ class TaskBook:
         return task
 
     def dispatch(self) -> None:
-        """Give each ready slot without a task the next pending task."""
+        """Give each ready slot without a task the next pending task (called after every change)."""
+        self._changed()
         if not self.sending:
             return
         for slot in self.link.workers:
@@ -304,6 +328,7 @@ class TaskBook:
         while self.pending:
             self.resolve(self.pending.popleft(), False, error)
         self.on_room()
+        self._changed()
 
     async def close(self) -> None:
         """Stop watching: every task is resolved by now."""

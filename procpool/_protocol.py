@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import asyncio
 
-    from procpool import PoolState, TaskReport
+    from procpool import PoolState, PoolStatistics, TaskReport
 
 __all__ = ("PoolLike", "WorkerLike")
 
@@ -81,6 +81,24 @@ class PoolLike(Protocol):
     @property
     def health(self) -> str:
         """``healthy``, ``degraded``, ``broken`` or ``not_running``."""
+        ...
+
+    @property
+    def workers_healthy(self) -> int:
+        """How many of the three workers are healthy now."""
+        ...
+
+    @property
+    def recent_failures(self) -> int:
+        """Failures in a row, summed over the three workers (what selectors weigh)."""
+        ...
+
+    def statistics(self) -> PoolStatistics:
+        """The pool's figures now, as a frozen snapshot."""
+        ...
+
+    async def wait_healthy(self, timeout: float | None = None) -> None:
+        """Wait until the pool is RUNNING with three healthy workers (starting it if needed)."""
         ...
 
     async def initialize(self) -> None:

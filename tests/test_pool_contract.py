@@ -11,12 +11,23 @@ import asyncio
 import os
 import threading
 
+import attrs
 import psutil
 import pytest
 import tasks
 from helpers import assert_gone, wait_until
 
-from procpool import POOL_SIZE, PoolClosed, RemoteTraceback, SerializationError, TaskTimeout, WorkerCrashed, WorkerPool
+from procpool import (
+    POOL_SIZE,
+    Health,
+    PoolClosed,
+    PoolStatistics,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+    WorkerPool,
+)
 from procpool._protocol import PoolLike, WorkerLike
 
 pytestmark = pytest.mark.anyio
@@ -175,6 +186,21 @@ async def test_shutdown_fails_queued_tasks_and_refuses_new_ones(any_pool):
     with pytest.raises(PoolClosed):
         await any_pool.apply(tasks.square, (2,))
     await wait_gone(pids)
+
+
+async def test_statistics_is_a_frozen_snapshot_of_the_same_figures(any_pool):
+    """statistics() returns the shared frozen PoolStatistics; wait_healthy returns once three workers serve again."""
+    with pytest.raises(WorkerCrashed):
+        await any_pool.apply(tasks.kill_self)
+    await any_pool.wait_healthy(timeout=60)
+    await asyncio.gather(*(any_pool.apply(tasks.square, (i,)) for i in range(6)))
+    stats = any_pool.statistics()
+    assert isinstance(stats, PoolStatistics) and stats.health is Health.HEALTHY
+    assert stats.tasks_completed >= 6 and stats.tasks_crashed == 1 and stats.workers_restarted >= 1
+    assert len(stats.workers) == POOL_SIZE and stats.workers_healthy == any_pool.workers_healthy == POOL_SIZE
+    assert stats.load == any_pool.load == 0 and stats.recent_failures == any_pool.recent_failures
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stats.queue_size = 1
 
 
 async def test_status_and_load_report_the_work(any_pool):
