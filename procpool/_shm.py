@@ -121,9 +121,13 @@ class Arena:
     """One process's mapping of a worker's arena file (both areas)."""
 
     def __init__(self, fd: int, limit: int) -> None:
-        self.fd = fd
+        """Map the arena file ``fd`` and take it over: it is closed here (the mapping keeps the
+        file, and Python's mmap holds a descriptor of its own until ``close``)."""
         self.limit = limit
-        self._map = mmap.mmap(fd, 2 * limit)
+        try:
+            self._map = mmap.mmap(fd, 2 * limit)
+        finally:
+            os.close(fd)
         self.view = memoryview(self._map)
 
     def release(self, base: int, start: int, end: int) -> None:
@@ -141,13 +145,9 @@ class Arena:
                 pass
 
     def close(self) -> None:
-        """Unmap the arena and close its descriptor (the kernel frees it with the last one)."""
+        """Unmap the arena (the kernel frees it with the last mapping and descriptor)."""
         try:
             self.view.release()
             self._map.close()
         except BufferError:  # pragma: no cover - a view is still alive; the GC unmaps it
-            pass
-        try:
-            os.close(self.fd)
-        except OSError:  # pragma: no cover
             pass

@@ -1,0 +1,177 @@
+"""The data plane: large buffers through shared memory, both ways, intact and owned by the receiver;
+the pipe path's framing and writes; the size limit and the inline fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import queue
+
+import data_tasks
+import numpy as np
+import pytest
+
+from procpool import SerializationError, WorkerPool, _child, _shm
+from procpool import _messages as m
+
+pytestmark = pytest.mark.anyio
+
+BIG = 2 * _shm.THRESHOLD  # out of band
+SMALL = _shm.THRESHOLD // 4  # in band
+
+
+async def test_bytes_bytearray_and_memoryview_round_trip_both_ways(pool):
+    """bytes, bytearray and memoryview arguments come back equal and of their own type, large or small."""
+    for n in (0, SMALL, BIG, 3 * 1024 * 1024 + 5):
+        data = os.urandom(n)
+        back = await pool.apply(data_tasks.identity, (data,))
+        assert type(back) is bytes and back == data
+        back = await pool.apply(data_tasks.identity, (bytearray(data),))
+        assert type(back) is bytearray and back == data
+        back = await pool.apply(data_tasks.identity, (memoryview(data),))
+        assert type(back) is memoryview and back.readonly and back == memoryview(data)
+    grid = memoryview(bytearray(8 * BIG)).cast("d", (BIG // 16, 16))
+    back = await pool.apply(data_tasks.identity, (grid,))
+    assert back.format == "d" and back.shape == grid.shape and not back.readonly and back == grid
+
+
+async def test_numpy_arrays_round_trip_writable_with_dtype_shape_and_order(pool):
+    """numpy arrays of any size, dtype, shape and memory order come back equal and writable."""
+    arrays = [
+        np.arange(10, dtype=np.int16),
+        np.arange(BIG, dtype=np.float64).reshape(-1, 8),
+        np.asfortranarray(np.arange(BIG, dtype=np.int32).reshape(64, -1)),
+        np.arange(4 * BIG, dtype=np.uint8)[::2],  # not contiguous: pickled in band
+        np.zeros(0, dtype=np.complex128),
+    ]
+    for a in arrays:
+        back = await pool.apply(data_tasks.identity, (a,))
+        assert back.dtype == a.dtype and back.shape == a.shape and np.array_equal(back, a)
+        assert back.flags.writeable
+        back[...] = 0  # it is the caller's own memory
+    # several buffers in one message, in keyword arguments and nested in the result
+    a, b = np.ones(BIG), np.full(BIG, 2.0)
+    x, y = await pool.apply(data_tasks.pair, (), {"a": a, "b": b})
+    assert np.array_equal(x, a) and np.array_equal(y, b)
+
+
+async def test_results_made_in_the_worker_travel_back_out_of_band(pool):
+    """Large results built in the worker (bytes, arrays) arrive intact, many in a row."""
+    for n in (BIG, 5 * BIG):
+        assert await pool.apply(data_tasks.fill, (n, 3)) == bytes([3]) * n
+        assert np.array_equal(await pool.apply(data_tasks.array, (n,)), np.arange(n))
+
+
+async def test_the_receiver_owns_what_it_gets(pool):
+    """What a worker keeps from one call is not changed by the shared memory the next calls reuse."""
+    first = np.full(BIG, 1, dtype=np.uint8)
+    results = []
+    for _ in range(3):  # the same worker, whichever: every worker keeps its own
+        await pool.apply(data_tasks.keep, (first,))
+    for value in range(2, 12):
+        results.append(await pool.apply(data_tasks.total, (np.full(BIG, value, dtype=np.uint8),)))
+    assert results == [value * BIG for value in range(2, 12)]
+    for _ in range(3):
+        kept = await pool.apply(data_tasks.kept, ())
+        assert np.array_equal(kept, first)
+
+
+async def test_many_large_calls_at_once_all_arrive(pool):
+    """More large calls than the arenas hold at once (prefetched behind each other) all come back right."""
+    await pool.apply(data_tasks.identity, (1,))
+    arrays = [np.full(BIG // 8, i, dtype=np.int64) for i in range(60)]
+    backs = await asyncio.gather(*(pool.apply(data_tasks.total, (a,)) for a in arrays))
+    assert backs == [int(a.sum()) for a in arrays]
+
+
+def test_large_buffers_are_left_out_of_band_and_small_ones_in_band():
+    """Pickling keeps buffers of THRESHOLD bytes or more out of the pickle, and smaller ones in it."""
+    big = m.pickle_call(data_tasks.identity, (np.zeros(_shm.THRESHOLD, dtype=np.uint8),), {})
+    assert isinstance(big, m.OutOfBand) and big.nbytes == _shm.THRESHOLD and len(big) < 1024
+    small = m.pickle_call(data_tasks.identity, (np.zeros(_shm.THRESHOLD - 1, dtype=np.uint8),), {})
+    assert type(small) is bytes and len(small) > _shm.THRESHOLD - 1
+
+
+async def test_a_call_over_the_limit_fails_at_the_call_and_the_pool_goes_on(monkeypatch):
+    """A call whose buffers exceed PROCPOOL_SHM_LIMIT_MB raises SerializationError at once, naming the knob."""
+    monkeypatch.setenv(_shm.LIMIT_ENV, "1")
+    async with WorkerPool() as pool:
+        with pytest.raises(SerializationError, match="PROCPOOL_SHM_LIMIT_MB"):
+            pool.submit(data_tasks.identity, np.zeros(2 * 1024 * 1024, dtype=np.uint8))
+        with pytest.raises(SerializationError, match="PROCPOOL_SHM_LIMIT_MB"):
+            await pool.apply(data_tasks.fill, (2 * 1024 * 1024,))  # the result is too large
+        assert await pool.apply(data_tasks.fill, (900 * 1024,)) == bytes([7]) * 900 * 1024
+
+
+async def test_zero_turns_shared_memory_off(monkeypatch):
+    """With PROCPOOL_SHM_LIMIT_MB=0 large buffers travel in band, with no limit."""
+    monkeypatch.setenv(_shm.LIMIT_ENV, "0")
+    assert type(m.pickle_call(data_tasks.identity, (bytes(BIG),), {})) is bytes
+    async with WorkerPool() as pool:
+        a = np.arange(BIG)
+        assert np.array_equal(await pool.apply(data_tasks.identity, (a,)), a)
+
+
+def test_ring_frees_in_order_and_wraps():
+    """The FIFO ring allocates after the newest region, wraps to the start, and refuses what does not fit."""
+    ring = _shm.Ring(1024)
+    assert ring.alloc(400, 1) == 0
+    assert ring.alloc(400, 2) == 448  # sizes are rounded up to ALIGN
+    assert ring.alloc(400, 3) is None  # 448 + 448 + 448 > 1024
+    assert ring.free_through(1) == [(0, 448)]
+    assert ring.alloc(300, 3) == 0  # wraps before the oldest region
+    assert ring.alloc(200, 4) is None  # would run into the oldest region
+    ring.free_through(3)
+    assert not ring.live and ring.alloc(1024, 5) == 0
+
+
+def test_a_result_goes_inline_when_the_result_area_is_full():
+    """When the parent has not read earlier results, a large result goes inline instead of waiting."""
+    limit = 3 * BIG
+    fd = _shm.create(limit)
+    assert fd is not None
+    arena = _shm.Arena(fd, limit)
+    try:
+        calls: queue.Queue = queue.Queue()
+        results: queue.Queue = queue.Queue()
+        for seq in (1, 2):
+            calls.put(m.body(seq, m.CALL, pickle.dumps((data_tasks.fill, (2 * BIG, seq), {}))))
+        calls.put(m.body(0, m.EXIT))
+        state = [0] * m.STATE_SIZE  # RESULT_ACK never moves: nothing read yet
+        _child.serve(calls, results, state, arena)
+        first, second = results.get(), results.get()
+        second = b"".join(bytes(p) for p in second)
+        for seq, reply in ((1, first), (2, second)):
+            got_seq, kind = m.HEADER.unpack_from(reply)
+            assert (got_seq, kind) == (seq, m.OK_OOB)
+            assert m.loads(memoryview(reply)[m.HEADER.size :], arena.view) == bytes([seq]) * 2 * BIG
+        assert m.spans(memoryview(first)[m.HEADER.size :]) and not m.spans(memoryview(second)[m.HEADER.size :])
+    finally:
+        arena.close()
+
+
+def test_frame_reader_reads_a_large_body_in_place():
+    """A body larger than one read arrives whole, after small ones, through the descriptor reader."""
+    r, w = os.pipe()
+    try:
+        big = os.urandom(m.READ_SIZE * 3)
+        reader = m.FrameReader(r)
+        got: list[bytes] = []
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        pending = m.frame(b"a") + m.frame(big) + m.frame(b"b")
+        while len(got) < 3:
+            if pending:
+                try:
+                    pending = pending[os.write(w, pending) :]
+                except BlockingIOError:
+                    pass
+            try:
+                got += [bytes(b) for b in reader.read()]
+            except BlockingIOError:
+                pass
+        assert got == [b"a", big, b"b"]
+    finally:
+        os.close(r)
+        os.close(w)
