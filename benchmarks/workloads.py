@@ -51,3 +51,8 @@ def _timed(fn, arg: int) -> float:
     start = time.perf_counter()
     fn(arg)
     return time.perf_counter() - start
+
+
+def echo(value: object) -> object:
+    """The payload sweep's task: the argument back, so it travels both ways."""
+    return value
