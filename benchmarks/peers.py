@@ -136,7 +136,12 @@ class ProcPool(Peer):
         return await asyncio.gather(*[self.pool.submit(w.square, i) for i in range(n)])
 
     async def map_many(self, n: int) -> list[int]:
-        return [y async for y in self.pool.map(w.square, range(n))]
+        # A list per chunk, as multiprocessing.Pool.map hands over one list: an await per item
+        # would cost more than the task itself (the per-item rate is in docs/benchmarks.md).
+        out: list[int] = []
+        async for chunk in self.pool.map(w.square, range(n)).chunks():
+            out.extend(chunk)
+        return out
 
     async def cpu(self, tasks: int, iterations: int) -> list[int]:
         return await asyncio.gather(*[self.pool.submit(w.burn, iterations) for _ in range(tasks)])

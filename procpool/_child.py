@@ -90,13 +90,18 @@ def run_handler(prompt: Any, context: Any) -> Any:
     return _handler(prompt, context)
 
 
+# Results that are never awaitable: map() skips the (slow, ABC-based) check for them.
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict, complex})
+
+
 def run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], bytes | None]:
     """Run ``fn`` over a map() chunk; stop at the first error and return it encoded."""
     out: list[Any] = []
+    plain = _PLAIN_TYPES
     for item in items:
         try:
             value = fn(item)
-            if inspect.isawaitable(value):
+            if type(value) not in plain and inspect.isawaitable(value):
                 value = _run_coroutine(value)
         except BaseException as exc:
             return out, m.encode_error(exc)

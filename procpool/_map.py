@@ -100,6 +100,33 @@ class MapIterator:
         if error is not None:
             self._error = task_error(decode_error(error))
 
+    def chunks(self) -> _Chunks:
+        """Iterate over the results a chunk at a time (lists, in input order), not one by one.
+
+        The same iteration, without an ``await`` per item: for many tiny items that is most of
+        the cost of consuming them. ``async for chunk in pool.map(fn, items).chunks()``. Results
+        the per-item iteration already took are not given again.
+        """
+        return _Chunks(self)
+
+    async def _next_values(self) -> list[Any]:
+        """The results not handed out yet of the oldest finished chunk; StopAsyncIteration at the end."""
+        while not self._ready:
+            if self._error is not None or self._closed:
+                error, self._error = self._error, None
+                self.close()
+                if error is not None:
+                    raise error
+                raise StopAsyncIteration
+            try:
+                await self._next_chunk()
+            except BaseException:
+                self.close()
+                raise
+        values = list(self._ready)
+        self._ready.clear()
+        return values
+
     def close(self) -> None:
         """Stop: cancel every chunk submitted and not consumed (running ones are killed)."""
         self._closed = True
@@ -125,3 +152,28 @@ class MapIterator:
     def __del__(self) -> None:
         if not self._closed:
             self.close()
+
+
+class _Chunks:
+    """``MapIterator.chunks()``: the same iterator, a list of results per step."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self, iterator: MapIterator) -> None:
+        self._map = iterator
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    def __anext__(self) -> Awaitable[list[Any]]:
+        return self._map._next_values()
+
+    async def aclose(self) -> None:
+        """Stop, as ``MapIterator.close()``."""
+        self._map.close()
+
+    async def __aenter__(self) -> _Chunks:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._map.close()

@@ -50,8 +50,9 @@ def kill_self_after_copy(value: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def sleep_with(value: Any, seconds: float) -> int:
-    time.sleep(seconds)
+def sleep_with(value: Any, seconds: float = 30.0) -> int:
+    if value:
+        time.sleep(seconds)
     return len(value)
 
 
@@ -64,3 +65,13 @@ def arena_fds() -> list[str]:
         except OSError:
             pass
     return out
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_on_seven(x: int) -> int:
+    if x == 7:
+        raise ValueError("bad 7")
+    return x

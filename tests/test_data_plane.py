@@ -175,3 +175,34 @@ def test_frame_reader_reads_a_large_body_in_place():
     finally:
         os.close(r)
         os.close(w)
+
+
+async def test_map_chunks_gives_the_same_results_in_order_a_list_at_a_time(pool):
+    """pool.map(...).chunks() yields lists whose concatenation is the per-item results, in order."""
+    got: list[int] = []
+    sizes = []
+    async for chunk in pool.map(data_tasks.square, range(5000)).chunks():
+        assert isinstance(chunk, list) and chunk
+        sizes.append(len(chunk))
+        got.extend(chunk)
+    assert got == [x * x for x in range(5000)]
+    assert len(sizes) < 5000  # several results per step
+
+
+async def test_map_chunks_raises_after_the_results_before_the_failing_item(pool):
+    """A failing item ends the chunked iteration with its error, after every result before it."""
+    got: list[int] = []
+    with pytest.raises(ValueError, match="bad 7"):
+        async for chunk in pool.map(data_tasks.fail_on_seven, range(20), chunksize=3).chunks():
+            got.extend(chunk)
+    assert got == list(range(7))
+
+
+async def test_leaving_map_chunks_early_cancels_the_rest():
+    """Breaking out of a chunked map cancels its chunks still queued or running."""
+    async with WorkerPool() as pool:
+        async for chunk in pool.map(data_tasks.sleep_with, [b""] + [b"x"] * 20, chunksize=1).chunks():
+            assert chunk == [0]
+            break
+        assert pool.statistics().tasks_cancelled > 0
+        assert not pool._tasks.pending
