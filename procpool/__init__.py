@@ -11,15 +11,21 @@ import logging as _logging
 
 from procpool._child import heartbeat
 from procpool._config import PoolConfig
+from procpool._graph import Ref, TaskGraph
 from procpool._manager import PoolManager, PoolSnapshot, Selector, get_pool_manager, prefer_healthy
 from procpool._pool import POOL_SIZE, PoolState, WorkerPool
-from procpool._stats import Health, PoolStatistics, WorkerStatistics
+from procpool._retry import RetryPolicy
+from procpool._stats import Health, PoolStatistics, PriorityStatistics, WorkerStatistics
 from procpool._task import TaskReport
 from procpool._worker import Worker, WorkerState
 from procpool.errors import (
+    Attempt,
     BrokenPool,
+    DependencyFailed,
+    GraphFailed,
     MemoryLimitExceeded,
     NoPoolAvailable,
+    PoisonTask,
     PoolClosed,
     PoolFull,
     PoolNotFound,
@@ -40,8 +46,11 @@ _logging.getLogger("procpool").addHandler(_logging.NullHandler())
 
 __all__ = (
     "POOL_SIZE",
+    "Attempt",
     "BrokenPool",
+    "DependencyFailed",
     "Executor",
+    "GraphFailed",
     "Health",
     "MemoryLimitExceeded",
     "NoPoolAvailable",
@@ -50,13 +59,18 @@ __all__ = (
     "PoolFull",
     "PoolManager",
     "PoolNotFound",
+    "PoisonTask",
     "PoolSnapshot",
     "PoolState",
     "PoolStatistics",
+    "PriorityStatistics",
     "ProcPoolError",
+    "Ref",
     "RemoteTraceback",
+    "RetryPolicy",
     "Selector",
     "SerializationError",
+    "TaskGraph",
     "TaskReport",
     "TaskExited",
     "TaskTimeout",

@@ -6,30 +6,39 @@ a process (a timeout or a cancellation of a running task asks the worker's slot 
 
 Topology::
 
-    submit -> pending (deque, <= max_pending) -> dispatch --call pipe i--> worker i
+    submit -> pending (by priority, FIFO within one; <= max_pending) -> dispatch --call pipe i--> worker i
     callers waiting for room: a FIFO of futures, one woken per place that frees up
+    a failed task whose retry policy says so -> delayed (back-off timer) -> front of its priority
+
+Priorities (issue 15): a higher ``priority`` leaves the pending queue first, FIFO within a
+priority. What is already written to a worker cannot be taken back, so the bound on how long a
+high-priority task waits is the prefetch window: it never starts after more than the tasks
+already handed to workers when it was submitted (at most ``window`` per worker: one while tasks
+take over ~2 ms, ``MAX_WINDOW`` for tiny ones), whatever the number of lower-priority tasks queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from procpool import _retry
 from procpool._config import PoolConfig
 from procpool._messages import CANCEL_RING
 from procpool._monitor import KILL_GRACE
-from procpool._stats import Counters
+from procpool._stats import LATENCY_WINDOW, Counters
 from procpool._task import Task, TaskFuture, TaskState
 from procpool._worker import Worker, WorkerState
-from procpool.errors import PoolFull, TaskTimeout, task_error
+from procpool.errors import PoisonTask, PoolFull, TaskTimeout, task_error
 
-__all__ = ("Dispatcher",)
+__all__ = ("Dispatcher", "PendingQueue")
 
 log = logging.getLogger("procpool.pool")
 
@@ -39,6 +48,86 @@ log = logging.getLogger("procpool.pool")
 PREFETCH_SECONDS = 0.002
 # Tasks in one worker's pipe at most: the child's cancel ring must be able to hold them all.
 MAX_WINDOW = CANCEL_RING // 2
+# Recent poison tasks a pool lists in its status, and quarantined calls it refuses at once.
+QUARANTINE_SIZE = 100
+
+
+class PendingQueue:
+    """Tasks waiting for a worker: the highest priority first, FIFO within a priority.
+
+    One deque per priority level; with a single level (the usual case) every operation is a
+    deque operation plus a list lookup.
+    """
+
+    __slots__ = ("_len", "_levels", "_order")
+
+    def __init__(self) -> None:
+        # priority -> its tasks, oldest first (levels are kept once created).
+        self._levels: dict[int, collections.deque[Task]] = {}
+        # The priorities that have tasks, highest first (negated, for bisect).
+        self._order: list[int] = []
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[Task]:
+        for negated in self._order:
+            yield from self._levels[-negated]
+
+    def _level(self, priority: int) -> collections.deque[Task]:
+        level = self._levels.get(priority)
+        if level is None:
+            level = self._levels[priority] = collections.deque()
+        if not level:
+            bisect.insort(self._order, -priority)
+        return level
+
+    def append(self, task: Task) -> None:
+        self._level(task.priority).append(task)
+        self._len += 1
+
+    def extendleft(self, tasks: list[Task]) -> None:
+        """Put tasks back at the front of their priority levels, keeping their order."""
+        for task in reversed(tasks):
+            self._level(task.priority).appendleft(task)
+        self._len += len(tasks)
+
+    def popleft(self) -> Task:
+        return self.take(1)[0]
+
+    def take(self, count: int) -> list[Task]:
+        """Remove and return up to ``count`` tasks, in the order they must run."""
+        taken: list[Task] = []
+        order = self._order
+        while order and len(taken) < count:
+            level = self._levels[-order[0]]
+            want = count - len(taken)
+            if want >= len(level):
+                taken.extend(level)
+                level.clear()
+                del order[0]
+            else:
+                taken.extend(level.popleft() for _ in range(want))
+        self._len -= len(taken)
+        return taken
+
+    def remove(self, task: Task) -> None:
+        """Remove a task (ValueError if it is not queued)."""
+        level = self._levels.get(task.priority)
+        if level is None:
+            raise ValueError("task not queued")
+        level.remove(task)
+        self._len -= 1
+        if not level:
+            self._order.remove(-task.priority)
+
+    def counts(self) -> dict[int, int]:
+        """Tasks queued per priority, highest first."""
+        return {-negated: len(self._levels[-negated]) for negated in self._order}
 
 
 class Dispatcher:
@@ -58,8 +147,15 @@ class Dispatcher:
         self._counters = counters
         self._recycle = recycle
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Tasks waiting for a worker, oldest first.
-        self.pending: collections.deque[Task] = collections.deque()
+        # Tasks waiting for a worker, highest priority first, oldest first within a priority.
+        self.pending = PendingQueue()
+        # Failed tasks waiting for their retry's back-off to end (their timer is task.timer).
+        self.delayed: set[Task] = set()
+        # Recent waits (submission to dispatch, seconds) per priority, for statistics.
+        self.waits: dict[int, collections.deque[float]] = {}
+        # Recent poison tasks (newest last), and the digests of their calls: refused at once.
+        self.quarantined: collections.deque[PoisonTask] = collections.deque(maxlen=QUARANTINE_SIZE)
+        self._poison: dict[bytes, PoisonTask] = {}
         self._ids = itertools.count(1)
         self._dispatch_scheduled = False
         # Whether dispatch may send work (the pool is RUNNING).
@@ -137,14 +233,20 @@ class Dispatcher:
 
     # -- submission and dispatch -------------------------------------------------------------------
 
-    def submit(self, payload: bytes, timeout: float | None) -> Task:
+    def submit(self, payload: bytes, timeout: float | None, priority: int = 0, retry: Any = None) -> Task:
         """Queue a task (the caller checked the pool is open and that there is room)."""
         loop = self._loop
         assert loop is not None
         future = TaskFuture(loop=loop)
-        task = Task(next(self._ids), payload, future, timeout, time.monotonic())
+        task = Task(next(self._ids), payload, future, timeout, time.monotonic(), priority=priority, retry=retry)
         future.on_cancel = functools.partial(self._on_cancel, task)
         self._counters.tasks_submitted += 1
+        if retry is not None:
+            task.attempts = []
+            poison = self._poison.get(_retry.payload_digest(payload)) if self._poison else None
+            if poison is not None:
+                self.resolve(task, False, poison)  # quarantined: the same call is not run again
+                return task
         pending = self.pending
         if not pending and self.open:
             # Fast path for latency: an idle worker takes the task right now.
@@ -187,12 +289,19 @@ class Dispatcher:
             take = min(share, window - len(worker.in_flight))
             if limit is not None:
                 take = min(take, limit - worker.sent_count)
-            batch = [pending.popleft() for _ in range(min(take, len(pending)))]
+            batch = pending.take(take)
             if batch:
                 self._send(worker, batch)
         self.update_room()
 
     def _send(self, worker: Worker, batch: list[Task]) -> None:
+        now = time.monotonic()
+        waits = self.waits
+        for task in batch:
+            recent = waits.get(task.priority)
+            if recent is None:
+                recent = waits[task.priority] = collections.deque(maxlen=LATENCY_WINDOW)
+            recent.append(now - task.submitted_at)
         worker.send(batch)
         self.arm_head(worker)
         limit = self._config.max_tasks_per_worker
@@ -200,12 +309,57 @@ class Dispatcher:
             self._recycle(worker, f"it has run {limit} tasks (max_tasks_per_worker)")
 
     def requeue(self, tasks: list[Task]) -> None:
-        """Put tasks that never started back at the front of the queue, in their order."""
+        """Put tasks that never started back at the front of their priority, in their order."""
         for task in tasks:
             task.state = TaskState.PENDING
             task.slot = None
-        self.pending.extendleft(reversed(tasks))
+        self.pending.extendleft(tasks)
         self.schedule()
+
+    # -- retries (issue 15) ------------------------------------------------------------------------
+
+    def fail(self, task: Task, error: BaseException, exitcode: int | None = None) -> None:
+        """A task failed: run it again if its retry policy says so, else resolve it with the error.
+
+        ``exitcode``: how its worker ended, when the failure cost the worker its life (evidence).
+        """
+        policy = task.retry
+        if policy is None or task.future.done() or not self.open:
+            self.resolve(task, False, error)
+            return
+        assert task.attempts is not None
+        what = f"task {task.id} of pool {self.pool_id!r}"
+        step = _retry.next_step(policy, task.attempts, task.pid, exitcode, task_error(error), what)
+        if isinstance(step, float):
+            self._counters.tasks_retried += 1
+            log.warning("%s failed (%s: %s); retrying in %.3g s", what, type(error).__name__, error, step)
+            task.state = TaskState.PENDING
+            task.slot = None
+            self.delayed.add(task)
+            assert self._loop is not None
+            task.timer = self._loop.call_later(step, self._retry_now, task)
+            return
+        if isinstance(step, PoisonTask):
+            self._counters.tasks_quarantined += 1
+            self.quarantined.append(step)
+            self._poison[_retry.payload_digest(task.payload)] = step
+            while len(self._poison) > QUARANTINE_SIZE:
+                del self._poison[next(iter(self._poison))]
+            log.error("%s", step)
+        self.resolve(task, False, step)
+
+    def _retry_now(self, task: Task) -> None:
+        task.timer = None
+        if task in self.delayed:
+            self.delayed.discard(task)
+            self.requeue([task])
+
+    def fail_waiting(self, error: BaseException) -> None:
+        """Fail every task that is not in a worker: queued, or waiting to be retried."""
+        for task in self.pending.take(len(self.pending)):
+            self.resolve(task, False, error)
+        while self.delayed:
+            self.resolve(self.delayed.pop(), False, error)
 
     # -- outcomes ----------------------------------------------------------------------------------
 
@@ -229,18 +383,20 @@ class Dispatcher:
             future.set_exception(task_error(value))
 
     def finished(self, task: Task, ok: bool, value: Any, duration: float | None) -> None:
-        """A worker ran the task: record its duration and resolve it."""
+        """A worker ran the task: record its duration and resolve it (or retry it)."""
         task.duration = duration
         if duration is not None:
             self._counters.latencies.append(duration)
             avg = self._avg_duration
             self._avg_duration = duration if avg is None else avg + 0.1 * (duration - avg)
-        self.resolve(task, ok, value)
+        if ok or task.retry is None:
+            self.resolve(task, ok, value)
+        else:
+            self.fail(task, value)
 
     def fail_all(self, error: BaseException) -> None:
-        """Fail every task the pool holds, queued or in a worker."""
-        while self.pending:
-            self.resolve(self.pending.popleft(), False, error)
+        """Fail every task the pool holds, queued, waiting to be retried or in a worker."""
+        self.fail_waiting(error)
         for worker in self._workers:
             for task in worker.in_flight:
                 self.resolve(task, False, error)
@@ -261,6 +417,12 @@ class Dispatcher:
             return
         self._counters.tasks_timed_out += 1
         error = TaskTimeout(task.timeout or 0.0, worker.pid)
+        if task.retry is not None and isinstance(error, task.retry.on):
+            # Retried: the task stays in its worker until the kill ends it; the exit handler
+            # then hands the timeout to fail(), which retries it.
+            log.warning("task %s timed out after %s s; killing worker %s", task.id, task.timeout, worker.worker_id)
+            worker.kill(error, KILL_GRACE)
+            return
         log.warning(
             "task %s timed out after %s s on worker %s (pid %s); replacing the worker",
             task.id,
@@ -279,6 +441,10 @@ class Dispatcher:
                 self.pending.remove(task)
             except ValueError:
                 pass
+            if task.timer is not None:  # waiting to be retried
+                task.timer.cancel()
+                task.timer = None
+            self.delayed.discard(task)
             task.state = TaskState.DONE
             self.update_room()
         elif task.state is TaskState.SENT and task.slot is not None:
@@ -293,6 +459,13 @@ class Dispatcher:
                 worker.kill(None, KILL_GRACE)
             else:
                 worker.cancel_unstarted(task)
+
+    def priority_statistics(self) -> dict[int, tuple[int, list[float]]]:
+        """Per priority: tasks queued now and recent waits (seconds from submission to a worker)."""
+        queued = self.pending.counts()
+        return {
+            p: (queued.get(p, 0), list(self.waits.get(p, ()))) for p in sorted({*queued, *self.waits}, reverse=True)
+        }
 
 
 _TAKES_WORK = (WorkerState.IDLE, WorkerState.BUSY)

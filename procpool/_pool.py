@@ -21,18 +21,20 @@ Invariant: every task is in exactly one place: the pending queue, one worker's `
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from procpool import _child
+from procpool import _child, _graph
 from procpool._config import DEFAULT_MAX_PENDING, DEFAULT_START_TIMEOUT, DEFAULT_STUCK_AFTER, PoolConfig, check_seconds
 from procpool._map import MapIterator
 from procpool._messages import pickle_call
 from procpool._progress import ProgressArg, make_progress
-from procpool._stats import Counters, PoolStatistics, worker_dict
+from procpool._retry import RetryPolicy
+from procpool._stats import Counters, PoolStatistics, PriorityStatistics, percentile, status_dict
 from procpool._supervisor import POOL_SIZE, PoolState, Supervisor
 from procpool._task import Task, TaskReport
 from procpool.errors import BrokenPool, PoolClosed
@@ -65,6 +67,9 @@ class WorkerPool:
         start_timeout: seconds a new worker may take to become ready (import the handler, run
             the initializer) before its start counts as failed (default 60; None: no limit).
             Three failed starts in a row make the pool BROKEN.
+        retry: the default [`RetryPolicy`][procpool.RetryPolicy] of every call (default None:
+            a failed task is never run again); a call's own ``retry=`` replaces it.
+        tags: labels a [`PoolManager`][procpool.PoolManager] routes on (``requires={"llm"}``).
 
     Attributes:
         pool_id: the pool's name.
@@ -90,6 +95,8 @@ class WorkerPool:
         max_tasks_per_worker: int | None = None,
         max_memory_mb: float | None = None,
         start_timeout: float | None = DEFAULT_START_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        tags: Iterable[str] = (),
     ) -> None:
         if pool_id is not None and (not isinstance(pool_id, str) or not pool_id):
             raise TypeError(f"pool_id must be a non-empty string or None, got {pool_id!r}")
@@ -107,6 +114,10 @@ class WorkerPool:
             start_timeout=start_timeout,
             **options,
         )
+        self.retry = _check_retry(retry)
+        if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+            raise TypeError(f"tags must be an iterable of strings, such as {{'llm'}}, not {tags!r}")
+        self.tags = frozenset(tags)
         self.pool_id = pool_id or f"pool-{os.getpid()}-{next(_pool_numbers)}"
         self._counters = Counters()
         self._supervisor = Supervisor(self.pool_id, self.config, self._counters)
@@ -155,8 +166,6 @@ class WorkerPool:
         """
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
         await self._supervisor.close(timeout)
 
     async def __aenter__(self) -> WorkerPool:
@@ -168,14 +177,20 @@ class WorkerPool:
 
     # -- submitting work ---------------------------------------------------------------------------
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, priority: int = 0, retry: RetryPolicy | None = None, **kwargs: Any
+    ) -> asyncio.Future[Any]:
         """Run ``fn(*args, **kwargs)`` in a worker; return a future of its result.
 
         ``fn`` may be an ``async def`` function: the worker runs it on its own event loop.
+        ``priority`` and ``retry`` belong to the pool; to pass arguments of those names to ``fn``,
+        use [`apply`][procpool.WorkerPool.apply] with ``kwds``.
 
         Args:
             fn: a module-level function (plain or ``async def``), so workers can import it.
             *args: its positional arguments.
+            priority: higher runs first; FIFO within a priority (default 0).
+            retry: when a failed run is run again (default: the pool's ``retry``).
             **kwargs: its keyword arguments.
 
         Raises:
@@ -187,10 +202,11 @@ class WorkerPool:
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        priority, retry = self._call_options(priority, retry)
         payload = pickle_call(fn, args, kwargs)
         self._supervisor.check_open()
         self._tasks.check_room()
-        return self._tasks.submit(payload, self.config.task_timeout).future
+        return self._tasks.submit(payload, self.config.task_timeout, priority, retry).future
 
     async def apply(
         self,
@@ -198,6 +214,9 @@ class WorkerPool:
         args: Sequence[Any] = (),
         kwds: dict[str, Any] | None = None,
         timeout: float | None = None,
+        *,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> Any:
         """Run ``fn(*args, **kwds)`` in a worker and return its result; wait for room if needed.
 
@@ -207,6 +226,10 @@ class WorkerPool:
             kwds: its keyword arguments.
             timeout: run-time limit in seconds (default: the pool's ``task_timeout``). When it
                 expires the worker is killed and replaced and [`TaskTimeout`][procpool.TaskTimeout] is raised.
+            priority: higher runs first; FIFO within a priority (default 0). A task never waits
+                behind more lower-priority tasks than those already written to workers.
+            retry: when a failed run is run again (default: the pool's ``retry``; see
+                [`RetryPolicy`][procpool.RetryPolicy]).
 
         Raises:
             Exception: the task's own exception, with the remote traceback as ``__cause__``
@@ -214,6 +237,7 @@ class WorkerPool:
                 errors as [`TaskExited`][procpool.TaskExited]).
             TaskTimeout: the task ran past its timeout; its worker was replaced.
             WorkerCrashed: the worker died while running it (or was stuck, or over its memory limit).
+            PoisonTask: with ``retry``, the task killed its worker on every attempt (quarantined).
             SerializationError: the call, its result or its exception could not cross.
             PoolClosed: the pool is shut down.
             BrokenPool: the pool's workers cannot start.
@@ -226,10 +250,19 @@ class WorkerPool:
         if kwds is not None and not isinstance(kwds, dict):
             raise TypeError(f"kwds must be a dict or None, not {type(kwds).__name__}")
         timeout = self._timeout_or_default(timeout)
+        options = self._call_options(priority, retry)
         payload = pickle_call(fn, tuple(args), kwds or {})
-        return await (await self._enqueue(payload, timeout)).future
+        return await (await self._enqueue(payload, timeout, *options)).future
 
-    async def execute(self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+    async def execute(
+        self,
+        prompt: str,
+        context: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        *,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
+    ) -> Any:
         """Run the pool's handler on ``(prompt, context)`` in a worker; return what it returns.
 
         Args:
@@ -237,6 +270,8 @@ class WorkerPool:
             context: the dict handed to the handler with it (default: empty).
             timeout: run-time limit in seconds (default: the pool's ``task_timeout``); past it the
                 worker is killed and replaced.
+            priority: higher runs first; FIFO within a priority (default 0).
+            retry: when a failed run is run again (default: the pool's ``retry``).
 
         Raises:
             RuntimeError: the pool has no handler.
@@ -244,10 +279,16 @@ class WorkerPool:
             Exception: whatever [`apply`][procpool.WorkerPool.apply] raises, for the same reasons.
         """
         payload, timeout = self._prompt_call(prompt, context, timeout)
-        return await (await self._enqueue(payload, timeout)).future
+        return await (await self._enqueue(payload, timeout, *self._call_options(priority, retry))).future
 
     async def execute_detailed(
-        self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None
+        self,
+        prompt: str,
+        context: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        *,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> TaskReport:
         """Like [`execute`][procpool.WorkerPool.execute], but report the outcome instead of raising the task's error.
 
@@ -260,6 +301,8 @@ class WorkerPool:
             context: the dict handed to the handler with it (default: empty).
             timeout: run-time limit in seconds (default: the pool's ``task_timeout``); past it the
                 worker is killed and replaced.
+            priority: higher runs first; FIFO within a priority (default 0).
+            retry: when a failed run is run again (default: the pool's ``retry``).
 
         Raises:
             TypeError: an argument has the wrong type (ValueError: a bad value).
@@ -267,7 +310,7 @@ class WorkerPool:
             BrokenPool: the pool's workers cannot start.
         """
         payload, timeout = self._prompt_call(prompt, context, timeout)
-        task = await self._enqueue(payload, timeout)
+        task = await self._enqueue(payload, timeout, *self._call_options(priority, retry))
         started = time.monotonic()
         try:
             value: Any = await task.future
@@ -294,6 +337,8 @@ class WorkerPool:
         timeout: float | None = None,
         *,
         progress: ProgressArg = None,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> list[Any]:
         """Run the handler on every prompt concurrently; results in input order.
 
@@ -306,6 +351,7 @@ class WorkerPool:
                 ``task_timeout``).
             progress: ``True`` for a progress bar on an interactive stderr (needs rich), or a
                 callable ``callback(done, total)`` called as prompts finish.
+            priority: the priority of every prompt (default 0). retry: their retry policy.
 
         Raises:
             ValueError: ``prompts`` is empty. TypeError: it is not a list of strings.
@@ -315,6 +361,7 @@ class WorkerPool:
         if not prompts:
             raise ValueError("prompts must not be empty")
         calls = [self._prompt_call(p, context, timeout) for p in prompts]
+        options = self._call_options(priority, retry)
         futures: list[asyncio.Future[Any]] = []
         # Futures report their end through a queue, so progress callbacks run here, in the
         # caller's task, where their exceptions reach the caller (not the loop's error handler).
@@ -322,7 +369,7 @@ class WorkerPool:
         with make_progress(progress, len(calls), f"{self.pool_id}: batch") as reporter:
             try:
                 for payload, task_timeout in calls:
-                    future = (await self._enqueue(payload, task_timeout)).future
+                    future = (await self._enqueue(payload, task_timeout, *options)).future
                     future.add_done_callback(finished.put_nowait)
                     futures.append(future)
                 for _ in futures:
@@ -342,6 +389,8 @@ class WorkerPool:
         chunksize: int | None = None,
         timeout: float | None = None,
         progress: ProgressArg = None,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> MapIterator:
         """Iterate over ``fn(item)`` for every item, in input order, consuming the input lazily.
 
@@ -357,6 +406,9 @@ class WorkerPool:
             timeout: run-time limit of each chunk.
             progress: ``True`` for a progress bar on an interactive stderr (needs rich), or a
                 callable ``callback(done, total)``; ``total`` is None for inputs without a length.
+            priority: the priority of every chunk (default 0).
+            retry: the retry policy of every chunk; a chunk is retried whole, so the items
+                before the one that killed its worker run again too.
 
         Raises:
             TypeError: ``fn`` is not callable. ValueError: a bad ``chunksize`` or ``timeout``.
@@ -366,9 +418,36 @@ class WorkerPool:
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer or None, got {chunksize!r}")
         timeout = self._timeout_or_default(timeout)
-        return MapIterator(self._enqueue, fn, iterable, chunksize, timeout, progress, f"{self.pool_id}: map")
+        enqueue = functools.partial(self._enqueue_with, self._call_options(priority, retry))
+        return MapIterator(enqueue, fn, iterable, chunksize, timeout, progress, f"{self.pool_id}: map")
+
+    async def run_graph(
+        self, graph: _graph.TaskGraph | Mapping[str, Any], *, return_exceptions: bool = False
+    ) -> dict[str, Any]:
+        """Run a [`TaskGraph`][procpool.TaskGraph] on this pool: each task once the tasks it needs are done.
+
+        Args:
+            graph: the graph (or a dict ``{name: (fn, args...)}``, see [`TaskGraph`][procpool.TaskGraph]).
+            return_exceptions: put each failed task's error in the result instead of raising.
+
+        Returns:
+            ``{name: result}`` of every task.
+
+        Raises:
+            GraphFailed: a task failed; its dependants did not run ([`DependencyFailed`][procpool.DependencyFailed]).
+            ValueError: the graph has a cycle or needs a task it does not have (nothing runs).
+        """
+        return await _graph.run_graph(graph, self._run_node, return_exceptions)
+
+    async def _run_node(self, node: _graph.Node, args: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
+        return await self.apply(node.fn, args, kwds, node.timeout, priority=node.priority, retry=node.retry)
 
     # -- internals: submission ---------------------------------------------------------------------
+
+    def _call_options(self, priority: Any, retry: Any) -> tuple[int, RetryPolicy | None]:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int (higher runs first), not {type(priority).__name__}")
+        return priority, self.retry if retry is None else _check_retry(retry)
 
     def _timeout_or_default(self, timeout: Any) -> float | None:
         return self.config.task_timeout if timeout is None else check_seconds(timeout)
@@ -385,7 +464,9 @@ class WorkerPool:
             raise TypeError(f"context must be a dict or None, not {type(context).__name__}")
         return pickle_call(_child.run_handler, (prompt, context or {}), {}), self._timeout_or_default(timeout)
 
-    async def _enqueue(self, payload: bytes, timeout: float | None) -> Task:
+    async def _enqueue(
+        self, payload: bytes, timeout: float | None, priority: int = 0, retry: RetryPolicy | None = None
+    ) -> Task:
         """Start the pool if needed, wait for room in the queue, then queue the task."""
         supervisor = self._supervisor
         if supervisor.state is PoolState.INITIAL:
@@ -393,7 +474,12 @@ class WorkerPool:
         supervisor.check_open()
         await self._tasks.wait_for_room()
         supervisor.check_open()
-        return self._tasks.submit(payload, timeout)
+        return self._tasks.submit(payload, timeout, priority, retry)
+
+    async def _enqueue_with(
+        self, options: tuple[int, RetryPolicy | None], payload: bytes, timeout: float | None
+    ) -> Task:
+        return await self._enqueue(payload, timeout, *options)
 
     # -- health and statistics ---------------------------------------------------------------------
 
@@ -461,6 +547,13 @@ class WorkerPool:
             workers_restarted=c.workers_restarted,
             workers_recycled=c.workers_recycled,
             workers_stuck=c.workers_stuck,
+            tasks_retried=c.tasks_retried,
+            tasks_quarantined=c.tasks_quarantined,
+            priorities=tuple(
+                PriorityStatistics(p, queued, len(waits), percentile(sorted(waits), 50))
+                for p, (queued, waits) in self._tasks.priority_statistics().items()
+            ),
+            poison_tasks=tuple(self._tasks.quarantined),
             recent_durations=tuple(c.latencies),
             created_at=self.created_at,
             started_at=self._supervisor.started_at,
@@ -482,35 +575,9 @@ class WorkerPool:
     def get_status(self) -> dict[str, Any]:
         """A JSON-ready snapshot of the pool's state and statistics (built from ``statistics()``)."""
         stats = self.statistics()
-        return {
-            "pool_id": self.pool_id,
-            "state": stats.state,
-            "running": self.running,
-            "health": stats.health.value,
-            "health_reason": stats.health_reason,
-            "workers_count": POOL_SIZE,
-            "queue_size": stats.queue_size,
-            "tasks_in_flight": stats.tasks_in_flight,
-            "tasks_submitted": stats.tasks_submitted,
-            "tasks_completed": stats.tasks_completed,
-            "tasks_failed": stats.tasks_failed,
-            "tasks_cancelled": stats.tasks_cancelled,
-            "tasks_timed_out": stats.tasks_timed_out,
-            "tasks_crashed": stats.tasks_crashed,
-            "workers_restarted": stats.workers_restarted,
-            "workers_recycled": stats.workers_recycled,
-            "workers_stuck": stats.workers_stuck,
-            "success_rate": stats.success_rate,
-            "workers_healthy": stats.workers_healthy,
-            "latency_p50": stats.latency_p50,
-            "latency_p95": stats.latency_p95,
-            "latency_p99": stats.latency_p99,
-            "created_at": stats.created_at,
-            "started_at": stats.started_at,
-            "start_method": self.config.start_method,
-            "handler": self.config.handler,
-            "workers": [worker_dict(w, self.workers[i].resources()) for i, w in enumerate(stats.workers)],
-        }
+        resources = [w.resources() for w in self.workers]
+        extra = {"running": self.running, "tags": sorted(self.tags), "start_method": self.config.start_method}
+        return status_dict(stats, resources, handler=self.config.handler, **extra)
 
     def __repr__(self) -> str:
         return (
@@ -521,3 +588,9 @@ class WorkerPool:
 
 
 _pool_numbers = itertools.count(1)
+
+
+def _check_retry(retry: Any) -> RetryPolicy | None:
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a procpool.RetryPolicy or None, not {type(retry).__name__}")
+    return retry

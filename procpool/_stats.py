@@ -15,7 +15,16 @@ from typing import Any
 
 import attrs
 
-__all__ = ("LATENCY_WINDOW", "Counters", "Health", "PoolStatistics", "WorkerStatistics", "percentile")
+__all__ = (
+    "LATENCY_WINDOW",
+    "Counters",
+    "Health",
+    "PoolStatistics",
+    "PriorityStatistics",
+    "WorkerStatistics",
+    "percentile",
+    "status_dict",
+)
 
 # Recent task durations kept for latency percentiles.
 LATENCY_WINDOW = 1000
@@ -52,6 +61,9 @@ class Counters:
     workers_restarted: int = 0
     workers_recycled: int = 0
     workers_stuck: int = 0
+    # Failed runs that were run again (retry=), and tasks quarantined as poison (issue 15).
+    tasks_retried: int = 0
+    tasks_quarantined: int = 0
     # Recent task durations in seconds, newest last.
     latencies: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=LATENCY_WINDOW))
 
@@ -88,6 +100,19 @@ class WorkerStatistics:
 
 
 @attrs.frozen
+class PriorityStatistics:
+    """One priority level of a pool's queue (issue 15)."""
+
+    priority: int
+    # Tasks of this priority waiting for a worker now.
+    queued: int
+    # How many recent waits the median is over (up to LATENCY_WINDOW).
+    dispatched: int
+    # Median seconds from submission until a worker was handed the task (None before any).
+    wait_p50: float | None
+
+
+@attrs.frozen
 class PoolStatistics:
     """A pool at one moment: its lifecycle state, health, queue, totals and latency."""
 
@@ -114,6 +139,12 @@ class PoolStatistics:
     created_at: float
     started_at: float | None
     workers: tuple[WorkerStatistics, ...]
+    # Failed runs run again under a retry policy; tasks quarantined as poison (issue 15).
+    tasks_retried: int = 0
+    tasks_quarantined: int = 0
+    # One entry per priority seen, highest first; the recent PoisonTask errors, newest last.
+    priorities: tuple[PriorityStatistics, ...] = ()
+    poison_tasks: tuple[Any, ...] = ()
 
     @property
     def load(self) -> int:
@@ -171,4 +202,41 @@ def worker_dict(stats: WorkerStatistics, resources: dict[str, Any]) -> dict[str,
         "average_processing_time": stats.average_processing_time,
         "last_activity": stats.last_activity,
         **resources,
+    }
+
+
+def status_dict(stats: PoolStatistics, resources: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The seed API's JSON-ready pool status (``WorkerPool.get_status``), from a snapshot."""
+    return {
+        "pool_id": stats.pool_id,
+        "state": stats.state,
+        "health": stats.health.value,
+        "health_reason": stats.health_reason,
+        "workers_count": len(stats.workers),
+        "queue_size": stats.queue_size,
+        "tasks_in_flight": stats.tasks_in_flight,
+        "tasks_submitted": stats.tasks_submitted,
+        "tasks_completed": stats.tasks_completed,
+        "tasks_failed": stats.tasks_failed,
+        "tasks_cancelled": stats.tasks_cancelled,
+        "tasks_timed_out": stats.tasks_timed_out,
+        "tasks_crashed": stats.tasks_crashed,
+        "tasks_retried": stats.tasks_retried,
+        "tasks_quarantined": stats.tasks_quarantined,
+        "workers_restarted": stats.workers_restarted,
+        "workers_recycled": stats.workers_recycled,
+        "workers_stuck": stats.workers_stuck,
+        "success_rate": stats.success_rate,
+        "workers_healthy": stats.workers_healthy,
+        "latency_p50": stats.latency_p50,
+        "latency_p95": stats.latency_p95,
+        "latency_p99": stats.latency_p99,
+        "priorities": [attrs.asdict(p) for p in stats.priorities],
+        "poison_tasks": [
+            {"task": e.description, "attempts": [a._asdict() for a in e.attempts]} for e in stats.poison_tasks
+        ],
+        "created_at": stats.created_at,
+        "started_at": stats.started_at,
+        **extra,
+        "workers": [worker_dict(w, resources[i]) for i, w in enumerate(stats.workers)],
     }

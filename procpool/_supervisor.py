@@ -14,7 +14,8 @@ Invariants:
     * ``len(self.workers) == POOL_SIZE`` always; a slot is refilled whenever its process dies,
       until the pool is CLOSING, CLOSED or BROKEN.
     * When a worker dies only the task it was running fails; the others go back to the front of
-      the queue. A task is never re-run after it may have had effects.
+      the queue. A task is never re-run after it may have had effects, unless its caller said
+      it may be (``retry=RetryPolicy(...)``, decided in ``Dispatcher.fail``).
     * Every timer and background task the supervisor starts is referenced, and cancelled when
       the pool closes or breaks.
 """
@@ -180,9 +181,7 @@ class Supervisor:
             self._started.set_exception(PoolClosed(f"pool {self.pool_id!r} was shut down while starting"))
             self._started.exception()  # mark retrieved
         self.tasks.wake_all()  # callers waiting for room see the pool is closing
-        never_ran = PoolClosed(f"pool {self.pool_id!r} shut down before the task ran")
-        while self.tasks.pending:
-            self.tasks.resolve(self.tasks.pending.popleft(), False, never_ran)
+        self.tasks.fail_waiting(PoolClosed(f"pool {self.pool_id!r} shut down before the task ran"))
         live = [w for w in self.workers if w.process is not None]
         self._all_exited = self.loop.create_future()
         # The pool is CLOSED when its last worker has exited, whether or not anyone still waits.
@@ -334,7 +333,8 @@ class Supervisor:
             if task.future.done():
                 self.tasks.resolve(task, False, None)
             elif task.seq == ended.running:
-                self.tasks.resolve(task, False, self._crash_error(worker, ended, task))
+                # Retried here if the caller's retry policy says so (issue 15), else failed.
+                self.tasks.fail(task, self._crash_error(worker, ended, task), ended.exitcode)
             elif closing:
                 self.tasks.resolve(task, False, PoolClosed(f"pool {self.pool_id!r} shut down before the task ran"))
             else:

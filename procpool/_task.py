@@ -73,6 +73,11 @@ class Task:
     timer: asyncio.TimerHandle | None = None
     # Seconds it ran in its worker, once finished there.
     duration: float | None = None
+    # Higher runs first; FIFO within a priority (issue 15).
+    priority: int = 0
+    # The caller's retry policy (a RetryPolicy), and the evidence of its failed attempts.
+    retry: Any = None
+    attempts: list[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state.value} seq={self.seq}>"

@@ -5,7 +5,9 @@ Every failure path ends in one of these, or in the task's own exception type:
     ProcPoolError
     ├── WorkerCrashed            a worker process died while running the task (pid, exit code/signal)
     │   ├── WorkerStuck          ... was judged stuck by the monitor and replaced
-    │   └── MemoryLimitExceeded  ... grew past max_memory_mb and was replaced
+    │   ├── MemoryLimitExceeded  ... grew past max_memory_mb and was replaced
+    │   └── PoisonTask           the task killed its worker on every retry: quarantined, with
+    │                            every attempt's evidence (retry=RetryPolicy(...) only)
     ├── TaskTimeout              (also TimeoutError) the task ran past its timeout; worker replaced
     ├── TaskExited               the task raised SystemExit, KeyboardInterrupt, GeneratorExit or
     │                            another BaseException that would end the caller; carried as a failure
@@ -15,7 +17,9 @@ Every failure path ends in one of these, or in the task's own exception type:
     ├── PoolClosed               (also RuntimeError) the pool is shut down or shutting down
     ├── PoolFull                 the pool's pending queue is at max_pending (sync submit only)
     ├── PoolNotFound             (also KeyError and ValueError) no pool with that id in a PoolManager
-    └── NoPoolAvailable          (also ValueError) a PoolManager has no pool that can take work
+    ├── NoPoolAvailable          (also ValueError) a PoolManager has no pool that can take work
+    ├── DependencyFailed         a task graph's task did not run: a task it needs failed
+    └── GraphFailed              run_graph: some tasks failed (each one's error, the results of the rest)
 
 A task's own exception is re-raised in the caller as its own type, with a
 [`RemoteTraceback`][] (the worker-side traceback text) as ``__cause__``. Two kinds cannot be
@@ -33,14 +37,20 @@ from __future__ import annotations
 import concurrent.futures
 import pickle
 import signal
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 __all__ = (
+    "Attempt",
     "BrokenPool",
+    "DependencyFailed",
+    "GraphFailed",
     "MemoryLimitExceeded",
     "NoPoolAvailable",
     "PoolClosed",
     "PoolFull",
     "PoolNotFound",
+    "PoisonTask",
     "ProcPoolError",
     "RemoteTraceback",
     "SerializationError",
@@ -136,6 +146,56 @@ class MemoryLimitExceeded(WorkerCrashed):
 
     def __str__(self) -> str:
         return f"worker pid {self.pid} exceeded its memory limit and was replaced: {self.detail}"
+
+
+class Attempt(NamedTuple):
+    """The evidence of one failed run of a task, as [`PoisonTask`][] carries it."""
+
+    # 1 for the first run.
+    number: int
+    # The worker process that ran it, and how that process ended (negative: a signal).
+    pid: int | None
+    exitcode: int | None
+    # ``"TypeName: message"`` of the failure.
+    error: str
+    # Whether the failure cost the worker its life (a crash, a stuck or memory kill, a timeout).
+    killed_worker: bool = False
+    # The end of the task's stack when one was captured (a stuck worker's), else None.
+    stack: str | None = None
+
+    def __str__(self) -> str:
+        how = describe_exit(self.exitcode) if self.exitcode is not None else "exit status unknown"
+        return f"attempt {self.number}: pid {self.pid}, {how}: {self.error}"
+
+
+class PoisonTask(WorkerCrashed):
+    """The task killed a worker on each of its last attempts; it is quarantined and not run again.
+
+    Only tasks submitted with ``retry=RetryPolicy(...)`` are retried, so only they can become
+    poison. The pool's status lists recent poison tasks, and a later submission of the very same
+    call (same pickled bytes) with a retry policy fails at once with this error.
+
+    Args:
+        description: which task, on which pool.
+        attempts: one [`Attempt`][] per failed run, oldest first.
+
+    Attributes:
+        attempts: one [`Attempt`][] per failed run (pid, exit code or signal, error, stack excerpt).
+        pid: the pid of the last worker it killed; ``exitcode`` how that worker ended.
+    """
+
+    def __init__(self, description: str, attempts: tuple[Attempt, ...]) -> None:
+        ProcPoolError.__init__(self, description, tuple(attempts))
+        self.description = description
+        self.attempts = tuple(attempts)
+        last = self.attempts[-1] if self.attempts else None
+        self.pid = last.pid if last else None
+        self.exitcode = last.exitcode if last else None
+        self.detail = description
+
+    def __str__(self) -> str:
+        runs = "; ".join(str(a) for a in self.attempts)
+        return f"{self.description} was quarantined after killing {len(self.attempts)} workers ({runs})"
 
 
 class TaskTimeout(ProcPoolError, TimeoutError):
@@ -243,3 +303,48 @@ class NoPoolAvailable(ProcPoolError, ValueError):
     """A PoolManager has no running pool to route the task to."""
 
     default_message = "no pool available"
+
+
+class DependencyFailed(ProcPoolError):
+    """A task graph's task was not run because a task it needs failed.
+
+    Args:
+        task: the name of the task that did not run.
+        root: the name of the failed task at the root of the chain.
+        error: ``"TypeName: message"`` of the root task's error (the error itself is ``__cause__``).
+    """
+
+    def __init__(self, task: str, root: str, error: str) -> None:
+        super().__init__(task, root, error)
+        self.task = task
+        self.root = root
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"task {self.task!r} did not run: it depends on {self.root!r}, which failed with {self.error}"
+
+
+class GraphFailed(ProcPoolError):
+    """``run_graph``: some tasks failed; the others ran to the end.
+
+    Args:
+        errors: task name -> its error (the failed tasks' own errors, [`DependencyFailed`][] for
+            the tasks that depended on them).
+        results: task name -> result, for the tasks that succeeded.
+    """
+
+    def __init__(self, errors: Mapping[str, BaseException], results: Mapping[str, Any]) -> None:
+        super().__init__(dict(errors), dict(results))
+        self.errors = dict(errors)
+        self.results = dict(results)
+
+    @property
+    def roots(self) -> dict[str, BaseException]:
+        """The failed tasks that are not mere dependants: the causes."""
+        return {k: e for k, e in self.errors.items() if not isinstance(e, DependencyFailed)}
+
+    def __str__(self) -> str:
+        causes = "; ".join(f"{k!r} failed with {type(e).__name__}: {e}" for k, e in self.roots.items())
+        skipped = sorted(k for k, e in self.errors.items() if isinstance(e, DependencyFailed))
+        text = f"task graph failed: {causes}"
+        return f"{text}; not run because of it: {', '.join(skipped)}" if skipped else text

@@ -30,9 +30,9 @@ async def test_a_late_caller_queues_behind_the_waiting_ones(tmp_path):
     queued: list[object] = []
     submit = pool._tasks.submit
 
-    def recording_submit(payload: bytes, timeout: float | None):
+    def recording_submit(payload: bytes, timeout: float | None, *options: object):
         queued.append(pickle.loads(payload)[1][0])  # the argument of every task, in queue order
-        return submit(payload, timeout)
+        return submit(payload, timeout, *options)
 
     pool._tasks.submit = recording_submit  # type: ignore[method-assign]
     async with pool:
