@@ -31,14 +31,13 @@ import enum
 import itertools
 import logging
 import weakref
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
-from procpool._pool import PoolState, WorkerPool
+from procpool._pool import WorkerPool
+from procpool._routing import Routing
 from procpool._selectors import (
-    HEALTH_RANK,
     LeastLoaded,
     PoolSnapshot,
     RoundRobin,
@@ -46,7 +45,7 @@ from procpool._selectors import (
     pick_random,
     prefer_healthy,
 )
-from procpool.errors import NoPoolAvailable, PoolClosed, PoolNotFound
+from procpool.errors import PoolClosed, PoolNotFound
 
 __all__ = (
     "LeastLoaded",
@@ -81,18 +80,7 @@ def _check_shutdown_timeout(timeout: Any) -> float:
     return float(timeout)
 
 
-def _has_handler(pool: WorkerPool) -> bool:
-    """Whether the pool can run prompt tasks (``execute``)."""
-    return pool.handler is not None
-
-
-def _check_handler_arg(handler: Any) -> str | None:
-    if handler is not None and not isinstance(handler, str):
-        raise TypeError(f"handler must be a 'package.module:function' string or None, not {type(handler).__name__}")
-    return handler
-
-
-class PoolManager:
+class PoolManager(Routing):
     """Several [`WorkerPool`][] s, created, routed to and shut down together.
 
     Use it as ``async with PoolManager() as manager`` or call [`start`][] and [`stop`][].
@@ -307,233 +295,6 @@ class PoolManager:
             "pools_degraded": degraded,
             "pool_details": details,
         }
-
-    # -- selectors and routing -------------------------------------------------------------------
-
-    @property
-    def selectors(self) -> tuple[str, ...]:
-        """Names of the selectors this manager knows."""
-        return tuple(self._selectors)
-
-    def register_selector(self, name: str, selector: Selector) -> None:
-        """Make ``selector`` usable by name, as in ``route_task(..., selector=name)``.
-
-        Args:
-            name: the name to pass as ``selector=``; it must not be taken (the built-in names are).
-            selector: a [`Selector`][]: called with the candidates (a sequence of
-                [`PoolSnapshot`][]), returns a pool id or None.
-
-        Raises:
-            ValueError: the name is taken or empty.
-            TypeError: ``selector`` is not callable.
-        """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a selector name must be a non-empty string, got {name!r}")
-        if not callable(selector):
-            raise TypeError(f"selector must be callable, not {type(selector).__name__}")
-        if name in self._selectors:
-            raise ValueError(f"a selector named {name!r} is already registered")
-        self._selectors[name] = selector
-
-    def _resolve_selector(self, selector: str | Selector) -> tuple[str, Selector]:
-        if isinstance(selector, str):
-            try:
-                return selector, self._selectors[selector]
-            except KeyError:
-                known = ", ".join(repr(n) for n in self._selectors)
-                raise ValueError(f"unknown selector {selector!r}; known selectors: {known}") from None
-        if callable(selector):
-            return getattr(selector, "__name__", repr(selector)), selector
-        raise TypeError(f"selector must be a selector name or a callable, not {type(selector).__name__}")
-
-    def _snapshot(self, entry: _Entry, health: str) -> PoolSnapshot:
-        pool = entry.pool
-        return PoolSnapshot(
-            pool_id=pool.pool_id,
-            order=entry.order,
-            health=health,
-            load=pool.load,
-            recent_failures=pool.recent_failures,
-            workers_healthy=pool.workers_healthy,
-        )
-
-    def choose_pool(
-        self, selector: str | Selector = "least_loaded", *, needs_handler: bool = False, handler: str | None = None
-    ) -> WorkerPool:
-        """The pool ``selector`` picks now, as routing would, for callers that submit themselves.
-
-        Args:
-            selector: a built-in selector's name (``"least_loaded"``, ``"round_robin"``,
-                ``"random"``), one added with [`register_selector`][], or a [`Selector`][] callable.
-            needs_handler: offer only pools that have a prompt handler, and refuse to choose
-                between pools of different handlers unless ``handler`` says which (as
-                [`route_task`][]).
-            handler: offer only pools running this handler (``"package.module:function"``, as
-                [`WorkerPool.handler`][] reports it); implies ``needs_handler``.
-
-        Raises:
-            NoPoolAvailable: no routable pool (of that handler), or the selector declined them all.
-            ValueError: unknown selector; the selector returned a pool it was not offered; or
-                ``needs_handler`` without ``handler`` while pools of several handlers exist.
-            TypeError: ``handler`` is not a string.
-            PoolClosed: the manager is stopped.
-        """
-        return self._choose(selector, needs_handler=needs_handler, handler=handler)
-
-    def handlers(self) -> tuple[str, ...]:
-        """The distinct handlers of the registered pools, in registration order (no ``None``)."""
-        return tuple(dict.fromkeys(e.pool.handler for e in self._pools.values() if e.pool.handler is not None))
-
-    def _choose(self, selector: str | Selector, *, needs_handler: bool, handler: str | None = None) -> WorkerPool:
-        """Run the selector over the routable pools and return the pool it picks."""
-        self._check_open()
-        handler = _check_handler_arg(handler)
-        name, choose = self._resolve_selector(selector)
-        if needs_handler and handler is None:
-            # Every registered pool counts, routable now or not, so whether a call without
-            # handler= is accepted does not depend on which pools happen to be healthy.
-            known = self.handlers()
-            if len(known) > 1:
-                raise ValueError(
-                    f"the pools run {len(known)} different handlers ({', '.join(known)}); pass handler= to "
-                    "say which one the prompt is for"
-                )
-        candidates = []
-        skipped = []
-        for entry in self._pools.values():
-            pool = entry.pool
-            health = pool.health
-            if pool.state is not PoolState.RUNNING or health not in HEALTH_RANK:
-                skipped.append(f"{pool.pool_id} is {pool.state.value if health == 'not_running' else health}")
-            elif (needs_handler or handler is not None) and not _has_handler(pool):
-                skipped.append(f"{pool.pool_id} has no prompt handler")
-            elif handler is not None and pool.handler != handler:
-                skipped.append(f"{pool.pool_id} runs {pool.handler}")
-            else:
-                candidates.append(self._snapshot(entry, health))
-        if not candidates:
-            why = "; ".join(skipped) if skipped else "the manager has no pools (create one with create_pool)"
-            raise NoPoolAvailable(f"no pool can take the task: {why}")
-        chosen = choose(tuple(candidates))
-        if chosen is None:
-            raise NoPoolAvailable(f"selector {name!r} declined all {len(candidates)} candidate pools")
-        if chosen not in {c.pool_id for c in candidates}:
-            raise ValueError(
-                f"selector {name!r} returned {chosen!r}, which is not one of the candidate pools "
-                f"({', '.join(c.pool_id for c in candidates)})"
-            )
-        return self._pools[chosen].pool
-
-    async def execute_on_pool(
-        self, pool_id: str, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None
-    ) -> Any:
-        """Run ``prompt`` on the named pool's handler; return what the handler returns.
-
-        Args:
-            pool_id: the pool to run it on.
-            prompt: the string handed to the handler.
-            context: the dict handed to the handler with it (default: empty).
-            timeout: run-time limit in seconds (default: the pool's ``task_timeout``).
-
-        Raises:
-            PoolNotFound: no such pool.
-            Exception: otherwise whatever [`WorkerPool.execute`][] raises.
-        """
-        return await self.get_pool(pool_id).execute(prompt, context, timeout)
-
-    async def route_task(
-        self,
-        prompt: str,
-        context: dict[str, Any] | None = None,
-        selector: str | Selector = "least_loaded",
-        timeout: float | None = None,
-        *,
-        handler: str | None = None,
-    ) -> tuple[str, Any]:
-        """Run ``prompt`` on the pool the selector picks among the pools that have a handler.
-
-        A prompt is meant for one handler, so when the manager's pools run different handlers,
-        ``handler`` must say which: routing never sends a prompt to a handler it was not meant for.
-
-        Args:
-            prompt: the string handed to the handler.
-            context: the dict handed to the handler with it (default: empty).
-            selector: a built-in selector's name (``"least_loaded"``, ``"round_robin"``,
-                ``"random"``), one added with [`register_selector`][], or a [`Selector`][] callable.
-            timeout: run-time limit in seconds (default: the chosen pool's ``task_timeout``).
-            handler: route only to pools running this handler (``"package.module:function"``,
-                as [`WorkerPool.handler`][] reports it). Required when the registered pools
-                run more than one handler.
-
-        Returns:
-            ``(pool_id, result)``.
-
-        Raises:
-            NoPoolAvailable: no running pool with a handler (of ``handler``, when given), or the
-                selector declined them all.
-            ValueError: unknown selector (the message lists the known ones), or no ``handler``
-                while the registered pools run several handlers (the message lists them).
-            TypeError: ``handler`` is not a string.
-            Exception: otherwise whatever [`WorkerPool.execute`][] raises.
-        """
-        pool = self._choose(selector, needs_handler=True, handler=handler)
-        return pool.pool_id, await pool.execute(prompt, context, timeout)
-
-    async def route_apply(
-        self,
-        fn: Callable[..., Any],
-        args: Sequence[Any] = (),
-        kwds: dict[str, Any] | None = None,
-        selector: str | Selector = "least_loaded",
-        timeout: float | None = None,
-    ) -> tuple[str, Any]:
-        """Run ``fn(*args, **kwds)`` on the pool the selector picks.
-
-        Args:
-            fn: a module-level function (plain or ``async def``), so workers can import it.
-            args: its positional arguments.
-            kwds: its keyword arguments.
-            selector: a built-in selector's name (``"least_loaded"``, ``"round_robin"``,
-                ``"random"``), one added with [`register_selector`][], or a [`Selector`][] callable.
-            timeout: run-time limit in seconds (default: the chosen pool's ``task_timeout``).
-
-        Returns:
-            ``(pool_id, result)``.
-
-        Raises:
-            NoPoolAvailable: no running pool (or the selector declined them all).
-            ValueError: unknown selector (the message lists the known ones).
-            Exception: otherwise whatever [`WorkerPool.apply`][] raises.
-        """
-        pool = self._choose(selector, needs_handler=False)
-        return pool.pool_id, await pool.apply(fn, args, kwds, timeout)
-
-    def submit(
-        self, fn: Callable[..., Any], /, *args: Any, selector: str | Selector = "least_loaded", **kwargs: Any
-    ) -> tuple[str, asyncio.Future[Any]]:
-        """Submit ``fn(*args, **kwargs)`` to the pool the selector picks, without waiting.
-
-        The keyword ``selector`` belongs to the manager; to pass an argument of that name to
-        ``fn``, use [`route_apply`][] with ``kwds``. Must be called from the event loop.
-
-        Args:
-            fn: a module-level function (plain or ``async def``), so workers can import it.
-            *args: its positional arguments.
-            selector: a built-in selector's name (``"least_loaded"``, ``"round_robin"``,
-                ``"random"``), one added with [`register_selector`][], or a [`Selector`][] callable.
-            **kwargs: its keyword arguments.
-
-        Returns:
-            ``(pool_id, future)``: the future resolves to the result, as with
-            [`WorkerPool.submit`][].
-
-        Raises:
-            NoPoolAvailable: no running pool (or the selector declined them all).
-            ValueError: unknown selector (the message lists the known ones).
-            Exception: otherwise whatever [`WorkerPool.submit`][] raises.
-        """
-        pool = self._choose(selector, needs_handler=False)
-        return pool.pool_id, pool.submit(fn, *args, **kwargs)
 
     def __repr__(self) -> str:
         return (

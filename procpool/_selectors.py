@@ -33,6 +33,8 @@ class PoolSnapshot:
         recent_failures: failures in a row across the pool's workers (a success resets a
             worker's count), so a pool whose tasks keep failing ranks lower.
         workers_healthy: how many of its three workers are healthy.
+        tags: the pool's tags (``WorkerPool(tags=...)``); routing with ``requires=`` offers only
+            pools carrying all of them.
     """
 
     pool_id: str
@@ -41,6 +43,7 @@ class PoolSnapshot:
     load: int
     recent_failures: int
     workers_healthy: int
+    tags: frozenset[str] = frozenset()
 
 
 class Selector(Protocol):
