@@ -9,6 +9,7 @@ A pool starts its workers on entry and stops them on exit::
 
 import logging as _logging
 
+from procpool._autoscale import AutoscaleDecision, AutoscaleMetrics, AutoscalePolicy, AutoscaleStatistics
 from procpool._child import heartbeat
 from procpool._config import PoolConfig
 from procpool._graph import Ref, TaskGraph
@@ -47,7 +48,11 @@ _logging.getLogger("procpool").addHandler(_logging.NullHandler())
 __all__ = (
     "POOL_SIZE",
     "Attempt",
+    "AutoscaleMetrics",
+    "AutoscalePolicy",
+    "AutoscaleStatistics",
     "BrokenPool",
+    "AutoscaleDecision",
     "DependencyFailed",
     "Executor",
     "GraphFailed",

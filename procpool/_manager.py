@@ -35,6 +35,7 @@ from typing import Any
 
 import attrs
 
+from procpool._autoscale import AutoscalePolicy, Autoscaler
 from procpool._pool import WorkerPool
 from procpool._routing import Routing
 from procpool._selectors import (
@@ -90,9 +91,16 @@ class PoolManager(Routing):
     are healthy or degraded; the built-in ones prefer healthy pools.
 
     Must be used from one event loop, the one its pools run on.
+
+    Args:
+        autoscale: an [`AutoscalePolicy`][procpool.AutoscalePolicy]: the manager then keeps
+            between ``min_pools`` and ``max_pools`` pools of its template, adding one under load
+            and deleting idle ones (``manager.autoscaler`` reports its decisions).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, autoscale: AutoscalePolicy | None = None) -> None:
+        # Adds and deletes pools of a template by load (issue 15); None: the caller manages pools.
+        self.autoscaler = Autoscaler(self, autoscale) if autoscale is not None else None
         self._state = _State.INITIAL
         self._loop: asyncio.AbstractEventLoop | None = None
         # Routable pools, in registration order.
@@ -131,6 +139,8 @@ class PoolManager(Routing):
         self._loop = asyncio.get_running_loop()
         self._state = _State.RUNNING
         log.debug("pool manager started")
+        if self.autoscaler is not None:
+            await self.autoscaler.start()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Shut every pool down concurrently and stop the manager; no worker process is left.
@@ -148,6 +158,8 @@ class PoolManager(Routing):
             self._state = _State.STOPPED
             return
         if self._stopping is None:
+            if self.autoscaler is not None:
+                self._shutdowns.add(self.autoscaler.stop())  # no pool is added or deleted from here on
             self._state = _State.STOPPING
             pools = [entry.pool for entry in self._pools.values()] + list(self._starting.values())
             self._pools.clear()
