@@ -15,6 +15,7 @@ from procpool._config import PoolConfig
 from procpool._graph import Ref, TaskGraph
 from procpool._manager import PoolManager, PoolSnapshot, Selector, get_pool_manager, prefer_healthy
 from procpool._pool import POOL_SIZE, PoolState, WorkerPool
+from procpool._protocol import PoolLike
 from procpool._retry import RetryPolicy
 from procpool._stats import Health, PoolStatistics, PriorityStatistics, WorkerStatistics
 from procpool._task import TaskReport
@@ -62,6 +63,7 @@ __all__ = (
     "PoolClosed",
     "PoolConfig",
     "PoolFull",
+    "PoolLike",
     "PoolManager",
     "PoolNotFound",
     "PoisonTask",

@@ -232,7 +232,9 @@ class _Core:
         except Exception as exc:
             self._set_broken(f"its pools could not start: {exc}")
         else:
-            self.slots = [_Slot(pool) for pool in pools]
+            # The manager types its pools PoolLike; these are local (their options were checked
+            # against WorkerPool), and the executor reads their processes and options.
+            self.slots = [_Slot(pool) for pool in pools if isinstance(pool, WorkerPool)]
             self.by_id = {slot.pool.pool_id: slot for slot in self.slots}
             self.started = True
             self._feed()

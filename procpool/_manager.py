@@ -1,4 +1,4 @@
-"""PoolManager: several WorkerPools behind one router, and the process-wide manager.
+"""PoolManager: several pools, local or Dask, behind one router, and the process-wide manager.
 
 Routing::
 
@@ -36,7 +36,8 @@ from typing import Any
 import attrs
 
 from procpool._autoscale import AutoscalePolicy, Autoscaler
-from procpool._pool import WorkerPool
+from procpool._backends import build_pool
+from procpool._protocol import PoolLike
 from procpool._routing import Routing
 from procpool._selectors import (
     LeastLoaded,
@@ -71,7 +72,7 @@ class _State(enum.Enum):
 
 @attrs.frozen
 class _Entry:
-    pool: WorkerPool
+    pool: PoolLike
     order: int
 
 
@@ -82,8 +83,10 @@ def _check_shutdown_timeout(timeout: Any) -> float:
 
 
 class PoolManager(Routing):
-    """Several [`WorkerPool`][] s, created, routed to and shut down together.
+    """Several pools, created, routed to and shut down together.
 
+    The pools may be local [`WorkerPool`][] s or [`DaskPool`][procpool.dask.DaskPool] s: the
+    manager relies only on [`PoolLike`][procpool.PoolLike], so selectors see both kinds alike.
     Use it as ``async with PoolManager() as manager`` or call [`start`][] and [`stop`][].
     Routing picks a pool per task with a selector: ``"least_loaded"`` (default),
     ``"round_robin"``, ``"random"``, one added with [`register_selector`][], or any callable
@@ -106,7 +109,7 @@ class PoolManager(Routing):
         # Routable pools, in registration order.
         self._pools: dict[str, _Entry] = {}
         # Pools being initialized by create_pool: not routable yet, but stop() must close them.
-        self._starting: dict[str, WorkerPool] = {}
+        self._starting: dict[str, PoolLike] = {}
         # Pool shutdowns under way (delete_pool, failed create_pool, stop).
         self._shutdowns: set[asyncio.Task[None]] = set()
         self._orders = itertools.count()
@@ -188,7 +191,7 @@ class PoolManager(Routing):
         if self._state in (_State.STOPPING, _State.STOPPED):
             raise PoolClosed(f"this PoolManager is {self._state.value}")
 
-    def _begin_shutdown(self, pool: WorkerPool, timeout: float) -> asyncio.Task[None]:
+    def _begin_shutdown(self, pool: PoolLike, timeout: float) -> asyncio.Task[None]:
         """Shut a pool down in a task of its own, so that no caller's cancellation aborts it."""
         task = asyncio.get_running_loop().create_task(pool.shutdown(timeout), name=f"procpool-shutdown-{pool.pool_id}")
         self._shutdowns.add(task)
@@ -202,29 +205,38 @@ class PoolManager(Routing):
 
     # -- pools -----------------------------------------------------------------------------------
 
-    async def create_pool(self, pool_id: str | None = None, **pool_options: Any) -> WorkerPool:
-        """Create a [`WorkerPool`][], start its three workers and register it for routing.
+    async def create_pool(
+        self, pool_id: str | None = None, *, backend: str = "local", address: str | None = None, **pool_options: Any
+    ) -> PoolLike:
+        """Create a pool, start its three workers and register it for routing beside the others.
 
-        Starts the manager if it was not started yet.
+        Starts the manager if it was not started yet. Selectors see local and Dask pools alike.
 
         Args:
             pool_id: the pool's id; generated when omitted.
-            **pool_options: passed to [`WorkerPool`][] (``handler``, ``task_timeout``,
-                ``initializer`` ...).
+            backend: ``"local"`` for a [`WorkerPool`][] (default), ``"dask"`` for a
+                [`DaskPool`][procpool.dask.DaskPool] (``pip install 'procpool[dask]'``).
+            address: for ``backend="dask"``, the scheduler of a running cluster
+                (``"tcp://host:port"``); None starts the pool's own local cluster.
+            **pool_options: passed to the pool (``handler``, ``task_timeout``, ...; a local pool
+                also takes ``initializer`` ..., a Dask pool ``security`` and ``workers``).
 
         Returns:
             The running pool.
 
         Raises:
-            ValueError: a pool with this id exists (or is being created), or a bad pool option.
-            TypeError: a bad pool option (from [`WorkerPool`][]).
-            BrokenPool: the workers could not start; nothing is registered or left running.
+            ValueError: a pool with this id exists (or is being created), an unknown backend,
+                ``address`` without ``backend="dask"``, or a bad pool option.
+            TypeError: a bad pool option (from the pool).
+            ImportError: ``backend="dask"`` without ``distributed`` installed.
+            BrokenPool: the workers could not start (or the scheduler could not be reached);
+                nothing is registered or left running.
             PoolClosed: the manager is stopped (or stopped while the pool was starting).
         """
         self._check_open()
         if self._state is _State.INITIAL:
             await self.start()
-        pool = WorkerPool(pool_id, **pool_options)
+        pool = build_pool(pool_id, backend, address, **pool_options)
         if pool.pool_id in self._pools or pool.pool_id in self._starting:
             raise ValueError(f"a pool with id {pool.pool_id!r} already exists in this manager")
         self._starting[pool.pool_id] = pool
@@ -240,7 +252,7 @@ class PoolManager(Routing):
         log.info("pool %s added to the manager", pool.pool_id)
         return pool
 
-    def get_pool(self, pool_id: str) -> WorkerPool:
+    def get_pool(self, pool_id: str) -> PoolLike:
         """The registered pool with this id.
 
         Args:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -56,3 +60,41 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 30.0) -> 
 async def all_healthy(pool: WorkerPool) -> None:
     """Wait until all three workers of the pool are healthy (woken by the pool's events, not a timer)."""
     await pool.wait_healthy(timeout=30.0)
+
+
+def _cluster_worker_pids(cluster: Any) -> set[int]:
+    return {w.pid for w in cluster.scheduler.workers.values() if w.pid}
+
+
+@contextlib.asynccontextmanager
+async def dask_cluster() -> AsyncIterator[Any]:
+    """A Dask ``LocalCluster`` of three one-thread worker processes on 127.0.0.1, owned by the test.
+
+    Its scheduler runs in this process, so closing the cluster is losing the scheduler. On exit
+    it is closed, and every worker process it ever had is killed by pid if still there and
+    checked gone.
+    """
+    import distributed
+
+    cluster = await distributed.LocalCluster(
+        n_workers=3,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        asynchronous=True,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    )
+    seen = _cluster_worker_pids(cluster)
+    try:
+        yield cluster
+    finally:
+        if cluster.status.name != "closed":
+            seen |= _cluster_worker_pids(cluster)
+        await cluster.close()
+        for pid in seen:
+            # Only a worker still ours: a pid already reaped may belong to someone else by now.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if psutil.Process(pid).ppid() == os.getpid():
+                    os.kill(pid, signal.SIGKILL)
+        assert_gone(sorted(seen))

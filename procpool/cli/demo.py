@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from procpool import POOL_SIZE, PoolManager, TaskTimeout, WorkerCrashed, WorkerPool
+from procpool import POOL_SIZE, PoolLike, PoolManager, TaskTimeout, WorkerCrashed
 from procpool._progress import make_progress, stderr_console
 from procpool.errors import BrokenPool, PoolClosed
 
@@ -72,7 +72,7 @@ def count_primes(lo: int, hi: int, stall: float = 0.0, announce: str | None = No
 # -- the demo --------------------------------------------------------------------------------------
 
 
-def _worker_pids(pools: Iterable[WorkerPool]) -> set[int]:
+def _worker_pids(pools: Iterable[PoolLike]) -> set[int]:
     return {w.pid for pool in pools for w in pool.workers if w.pid is not None}
 
 
@@ -86,7 +86,7 @@ async def _wait_for_file(path: Path, deadline: float) -> bool:
     return True
 
 
-async def _wait_all_healthy(pools: list[WorkerPool], deadline: float) -> bool:
+async def _wait_all_healthy(pools: list[PoolLike], deadline: float) -> bool:
     """Wait until every pool reports three healthy workers; False if the deadline passes or one breaks."""
     try:
         async with asyncio.timeout(deadline):

@@ -41,7 +41,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from procpool import POOL_SIZE, PoolState
+from procpool import POOL_SIZE, PoolLike, PoolState
 from procpool import PoolManager as _CorePoolManager
 from procpool import WorkerPool as _CoreWorkerPool
 from procpool.errors import PoolClosed, PoolNotFound
@@ -82,7 +82,7 @@ class WorkerPool:
         self,
         pool_id: str | None = None,
         *,
-        pool: _CoreWorkerPool | None = None,
+        pool: PoolLike | None = None,
         handler: Any = None,
         **pool_options: Any,
     ) -> None:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Annotated, Any
 
 import procpool
-from procpool import PoolManager, PoolState, WorkerPool
+from procpool import PoolLike, PoolManager, PoolState
 from procpool.errors import task_error
 from procpool.mcp.tools import (
     SELECTORS,
@@ -329,7 +329,7 @@ class _Lifespan:
             stopping.add_done_callback(lambda _: self._done(pools))
             await asyncio.shield(stopping)
 
-    def _done(self, pools: list[WorkerPool]) -> None:
+    def _done(self, pools: list[PoolLike]) -> None:
         closed = sum(pool.state is PoolState.CLOSED for pool in pools)
         log.info("pool manager stopped: %d of %d pools shut down", closed, len(pools))
         self.tools = None

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import attrs
 
-from procpool import PoolManager, TaskReport, WorkerPool
+from procpool import PoolLike, PoolManager, TaskReport
 from procpool.errors import task_error
 
 try:
@@ -336,7 +336,7 @@ class ManagerStatus(TypedDict):
 # -- routing --------------------------------------------------------------------------------------
 
 
-def _choose_pool(manager: PoolManager, selector: str, handler: str) -> WorkerPool:
+def _choose_pool(manager: PoolManager, selector: str, handler: str) -> PoolLike:
     """The pool ``selector`` picks among the pools of ``handler``, as ``PoolManager.route_task`` would.
 
     route_task returns only the handler's value, and the tool must report the task's id, worker
@@ -353,7 +353,7 @@ def _callers_cancellation(exc: BaseException) -> bool:
     return current is None or current.cancelling() > 0
 
 
-async def _execute(pool: WorkerPool, prompt: str, context: dict[str, Any] | None, timeout: float | None) -> TaskReport:
+async def _execute(pool: PoolLike, prompt: str, context: dict[str, Any] | None, timeout: float | None) -> TaskReport:
     """``pool.execute_detailed``, with a task's SystemExit, KeyboardInterrupt or the like as its failure.
 
     Such an exception, re-raised here and let out of this coroutine, would end the server's event
@@ -495,10 +495,10 @@ class PoolTools:
             raise RequestRefused("there is no pool to route to; create one with create_pool")
         return paths.pop()
 
-    def _pool(self, pool_id: str) -> WorkerPool:
+    def _pool(self, pool_id: str) -> PoolLike:
         return self.manager.get_pool(pool_id)
 
-    def pools(self) -> list[WorkerPool]:
+    def pools(self) -> list[PoolLike]:
         """The pools this server created and has not deleted."""
         return [self.manager.get_pool(pool_id) for pool_id in self._handler_names]
 
