@@ -144,6 +144,9 @@ async def test_every_tool_is_listed_with_a_description_and_typed_schemas(client)
     assert batch["type"] == "array" and batch["items"] == {"type": "string"} and batch["maxItems"] == 8
     handler = tools["create_pool"].input_schema["properties"]["handler"]
     assert set(handler["enum"]) == {"command", "echo", "fmt", None}
+    create = tools["create_pool"].input_schema["properties"]
+    assert create["backend"]["enum"] == ["local", "dask"] and create["backend"]["default"] == "local"
+    assert create["address"]["enum"] == [None]  # this server allows no Dask cluster
     route = tools["route_to_pool"].input_schema["properties"]["selector"]
     assert route["default"] == "least_loaded" and "round_robin" in route["enum"]
     assert set(tools["execute_on_pool"].output_schema["required"]) >= {
@@ -274,6 +277,14 @@ async def test_status_health_and_list_reflect_the_work_done(client):
         ("create_pool", {}, "name a handler; allowed: command, echo, fmt"),
         ("create_pool", {"pool_id": "a", "handler": "echo"}, "already exists"),
         ("create_pool", {"pool_id": "../x", "handler": "echo"}, "pool_id '../x' must be"),
+        ("create_pool", {"handler": "echo", "backend": "dask"}, "this server allows no Dask cluster"),
+        (
+            "create_pool",
+            {"handler": "echo", "backend": "dask", "address": "tcp://127.0.0.1:8786"},
+            "this server allows no Dask cluster",
+        ),
+        ("create_pool", {"handler": "echo", "address": "tcp://127.0.0.1:8786"}, "address is for backend 'dask'"),
+        ("create_pool", {"handler": "echo", "backend": "ray"}, "backend must be one of local, dask, got 'ray'"),
         ("execute_on_pool", {"pool_id": "a", "prompt": "x" * 4097}, "prompt is 4097 bytes; the limit is 4096"),
         ("execute_on_pool", {"pool_id": "a", "prompt": "é" * 2049}, "prompt is 4098 bytes"),
         ("execute_on_pool", {"pool_id": "a", "prompt": "x", "context": {"k": "v" * 5000}}, "context (as JSON) is"),
@@ -443,6 +454,39 @@ async def test_delete_pool_stops_its_worker_processes(client):
     wait_exited(pids)
     assert "doomed" not in {p["pool_id"] for p in (await call(client, "list_pools"))["pools"]}
     assert "PoolNotFound" in await refused(client, "execute_on_pool", pool_id="doomed", prompt="x")
+
+
+async def test_dask_pools_go_only_to_a_scheduler_the_operator_allowed():
+    """create_pool(backend="dask") runs a pool on the cluster allowed by --dask-address and never reaches another."""
+    pytest.importorskip("distributed")
+    from helpers import dask_cluster
+
+    with socket.socket() as bait:
+        # A listener at the address the agent asks for: a connection attempt would be waiting in it.
+        bait.bind(("127.0.0.1", 0))
+        bait.listen()
+        bait.setblocking(False)
+        chosen = f"tcp://127.0.0.1:{bait.getsockname()[1]}"
+        async with dask_cluster() as cluster:
+            allowed = cluster.scheduler_address
+            cluster_pids = {w.pid for w in cluster.scheduler.workers.values()}
+            async with Client(stdio("--handler", "echo", "--dask-address", allowed)) as c:
+                text = await refused(c, "create_pool", pool_id="mine", backend="dask", address=chosen)
+                assert f"Dask address '{chosen}' is not allowed here; allowed: {allowed}" in text
+                with pytest.raises(BlockingIOError):
+                    bait.accept()
+                created = await call(c, "create_pool", pool_id="d", backend="dask")  # the only allowed address
+                assert created["backend"] == "dask" and created["address"] == allowed
+                assert {w["pid"] for w in created["workers"]} == cluster_pids
+                assert (await call(c, "create_pool", pool_id="l"))["backend"] == "local"
+                out = await call(c, "execute_on_pool", pool_id="d", prompt="hi")
+                assert out["result"]["prompt"] == "hi" and out["result"]["pid"] in cluster_pids
+                listed = {p["pool_id"]: p["backend"] for p in (await call(c, "list_pools"))["pools"]}
+                assert listed == {"d": "dask", "l": "local"}
+                assert (await call(c, "get_pool_manager_status"))["dask_addresses"] == [allowed]
+                # The workers are the cluster's: deleting the pool stops its tasks, not them.
+                assert (await call(c, "delete_pool", pool_id="d"))["worker_pids"] == []
+            assert all(psutil.pid_exists(pid) for pid in cluster_pids)
 
 
 # -- server lifetime -------------------------------------------------------------------------------
@@ -632,6 +676,8 @@ def test_server_config_checks_what_embedders_pass(kwargs, message):
         (["--handler", "echo", "--max-pools", "0"], "--max-pools"),
         (["--handler", "echo", "--max-timeout", "0"], "--max-timeout"),
         (["--handler", "echo", "--max-timeout", "nan"], "nan is not a finite number of seconds"),
+        (["--handler", "echo", "--dask-address", "10.0.0.5:8786"], "looks like tcp://HOST:PORT"),
+        (["--handler", "echo", "--dask-address", "tcp://10.0.0.5:0"], "between 1 and 65535"),
     ],
 )
 def test_bad_flags_exit_2_before_serving(flags, message):

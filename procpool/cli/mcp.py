@@ -1,8 +1,8 @@
 """``procpool mcp``: the command's flags, turned into the server's `ServerConfig`.
 
-The group imports this module only when ``mcp`` is asked for. It imports the tools' layer
-(configuration, limits, flag parsers: no MCP SDK); the server and its SDK are imported inside the
-command, when it runs.
+The group imports this module only when ``mcp`` is asked for. It imports the configuration
+(``procpool.mcp.config``: allow-lists, limits, flag parsers; no MCP SDK); the server and its SDK
+are imported inside the command, when it runs.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from typing import Any
 import click
 
 from procpool.cli.params import finite_seconds, import_from_working_directory
-from procpool.mcp.tools import (
+from procpool.mcp.config import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_POOLS,
     DEFAULT_MAX_PROMPT_BYTES,
     DEFAULT_MAX_TIMEOUT,
     ServerConfig,
+    parse_dask_address,
     parse_handler,
     parse_http,
 )
@@ -98,6 +99,15 @@ def _click_value(parse: Any) -> Any:
     "prompt would run as a shell command line.",
 )
 @click.option(
+    "--dask-address",
+    "dask_addresses",
+    multiple=True,
+    metavar="tcp://HOST:PORT",
+    callback=_click_value(parse_dask_address),
+    help="Allow pools on the Dask cluster whose scheduler is at this address (repeatable): an agent's "
+    "create_pool(backend='dask') may pick one of these, never an address of its own. None by default.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default=None,
@@ -111,6 +121,7 @@ def mcp(
     max_batch: int,
     max_timeout: float,
     allow_route_to_command: bool,
+    dask_addresses: tuple[str, ...],
     log_level: str | None,
 ) -> None:
     """Serve procpool's pool tools over MCP (stdio by default).
@@ -118,6 +129,10 @@ def mcp(
     Agents create pools, run prompts and read status; they never send code. Example:
 
         procpool mcp --handler echo --handler review=mypkg.agents:review
+
+    Pools on a Dask cluster (pip install 'procpool[dask]') only at addresses allowed here:
+
+        procpool mcp --handler echo --dask-address tcp://10.0.0.5:8786
     """
     allowed: dict[str, str] = {}
     for name, path in handlers:
@@ -135,6 +150,7 @@ def mcp(
         max_timeout,
         log_level,
         allow_route_to_command=allow_route_to_command,
+        dask_addresses=dask_addresses,
     )
     if http is not None:
         click.echo(f"procpool MCP server on http://{http[0]}:{http[1]}/mcp", err=True)

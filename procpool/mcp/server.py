@@ -23,6 +23,7 @@ import procpool
 from procpool import PoolLike, PoolManager, PoolState
 from procpool.errors import task_error
 from procpool.mcp.tools import (
+    BACKENDS,
     SELECTORS,
     SHUTDOWN_GRACE,
     BatchResult,
@@ -148,6 +149,23 @@ def _mount(server: Any, config: ServerConfig, get_tools: Callable[[], PoolTools]
             json_schema_extra={"enum": [*names, None]},
         ),
     ]
+    Backend = Annotated[
+        str,
+        Field(
+            description="Where the pool's three workers run: local (processes of the server's host) or dask (workers "
+            "of a Dask cluster the server's operator allowed; see address).",
+            json_schema_extra={"enum": list(BACKENDS)},
+        ),
+    ]
+    DaskAddress = Annotated[
+        str | None,
+        Field(
+            description="For backend dask: the scheduler, one of the addresses the server's operator allowed "
+            f"({', '.join(config.dask_addresses) or 'none'}); may be omitted when only one is allowed. Any other "
+            "address is refused.",
+            json_schema_extra={"enum": [*config.dask_addresses, None]},
+        ),
+    ]
     Prompt = Annotated[
         str,
         Field(
@@ -196,13 +214,13 @@ def _mount(server: Any, config: ServerConfig, get_tools: Callable[[], PoolTools]
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
     runs_work = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 
-    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
-    runs_work = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
-
     @tool(ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False))
-    async def create_pool(pool_id: NewPoolId = None, handler: HandlerName = None) -> PoolCreated:
-        """Create and start a pool of three worker processes running an allowed handler."""
-        return await get_tools().create_pool(pool_id, handler)
+    async def create_pool(
+        pool_id: NewPoolId = None, handler: HandlerName = None, backend: Backend = "local", address: DaskAddress = None
+    ) -> PoolCreated:
+        """Create and start a pool of three worker processes running an allowed handler, on the server's host or on an
+        allowed Dask cluster."""
+        return await get_tools().create_pool(pool_id, handler, backend, address)
 
     @tool(runs_work)
     async def execute_on_pool(
@@ -263,6 +281,7 @@ def register_pool_tools(
     limits: Mapping[str, Any] | None = None,
     *,
     allow_route_to_command: bool = False,
+    dask_addresses: Iterable[str] = (),
 ) -> PoolTools:
     """Mount the nine pool tools on a host's existing MCP server, with an allow-list and limits.
 
@@ -281,6 +300,8 @@ def register_pool_tools(
         limits: ``max_pools``, ``max_prompt_bytes``, ``max_batch``, ``max_timeout`` (the
             defaults of ``procpool mcp`` for those left out).
         allow_route_to_command: let ``route_to_pool`` pick pools of the shell ``command`` handler.
+        dask_addresses: Dask schedulers (``"tcp://host:port"``) an agent may create pools on
+            (``create_pool(backend="dask")``); none by default.
 
     Returns:
         The [`PoolTools`][procpool.mcp.tools.PoolTools] the tools run on (``.manager``, ``.config``).
@@ -291,7 +312,9 @@ def register_pool_tools(
         ImportError: the ``mcp`` package is not installed.
     """
     allowed = dict(handlers) if isinstance(handlers, Mapping) else dict(parse_handler(spec) for spec in handlers)
-    config = ServerConfig(allowed, **dict(limits or {}), allow_route_to_command=allow_route_to_command)
+    config = ServerConfig(
+        allowed, **dict(limits or {}), allow_route_to_command=allow_route_to_command, dask_addresses=dask_addresses
+    )
     tools = PoolTools(config, manager if manager is not None else PoolManager())
     _mount(server, config, lambda: tools)
     return tools

@@ -1,9 +1,10 @@
-"""The pool tools' logic, with no MCP SDK import: configuration, limits, allow-list, results.
+"""The pool tools' logic, with no MCP SDK import: the checks per call, the allow-lists, the results.
 
 [`PoolTools`][procpool.mcp.tools.PoolTools] does what each of the nine tools does, on one
-[`PoolManager`][procpool.PoolManager]; [`ServerConfig`][procpool.mcp.tools.ServerConfig] holds
-the handler allow-list and the limits. ``procpool.mcp.server`` mounts the tools on an MCP server
-of either SDK generation; ``procpool.mcp.transports`` serves them (``procpool mcp``).
+[`PoolManager`][procpool.PoolManager]; [`ServerConfig`][procpool.mcp.config.ServerConfig]
+(``procpool.mcp.config``, re-exported here) holds the allow-lists and the limits.
+``procpool.mcp.server`` mounts the tools on an MCP server of either SDK generation;
+``procpool.mcp.transports`` serves them (``procpool mcp``).
 
 Safety model: an agent sends data, never code. Which functions a pool may run is fixed by whoever
 starts the server (``--handler NAME=module:function``, or a built-in by name); ``create_pool``
@@ -14,26 +15,37 @@ one-line tool errors; the server keeps running, even when a task raises ``System
 prompt only to pools of the handler it names (required once the pools run several handlers), and
 never to a pool of the shell ``command`` handler unless the operator allowed it
 (``--allow-route-to-command``): an agent that routes must not land in a shell by rotation.
+A pool on a Dask cluster (``create_pool(backend="dask")``) goes only to a scheduler the operator
+listed (``--dask-address``): an agent picks among those, it never names an address of its own,
+since a Dask scheduler runs whatever code its clients send (issue 14).
 """
 
 # No ``from __future__ import annotations``: the SDKs read the tools' result types (these
 # TypedDicts) with ``inspect.signature(eval_str=True)``.
 
 import asyncio
-import ipaddress
 import json
 import logging
 import math
-import pkgutil
 import re
 import time
-from collections.abc import Mapping
 from typing import Any, Literal
-
-import attrs
 
 from procpool import PoolLike, PoolManager, TaskReport
 from procpool.errors import task_error
+from procpool.mcp.config import (
+    BUILTIN_HANDLERS,
+    COMMAND_HANDLER,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_POOLS,
+    DEFAULT_MAX_PROMPT_BYTES,
+    DEFAULT_MAX_TIMEOUT,
+    Limits,
+    ServerConfig,
+    parse_dask_address,
+    parse_handler,
+    parse_http,
+)
 
 try:
     # pydantic (which the SDK uses to build output schemas) accepts only typing_extensions'
@@ -43,6 +55,7 @@ except ImportError:  # pragma: no cover - a cli-only install, which never builds
     from typing import TypedDict
 
 __all__ = (
+    "BACKENDS",
     "BUILTIN_HANDLERS",
     "COMMAND_HANDLER",
     "DEFAULT_MAX_BATCH",
@@ -54,170 +67,27 @@ __all__ = (
     "PoolTools",
     "RequestRefused",
     "ServerConfig",
+    "parse_dask_address",
     "parse_handler",
     "parse_http",
 )
 
 log = logging.getLogger("procpool.mcp")
 
-# Built-in handlers an operator may allow by name alone (``--handler echo``). ``command`` runs a
-# shell command line per prompt: allowing it hands the agent a shell, so it is never implied.
-BUILTIN_HANDLERS: Mapping[str, str] = {
-    "echo": "procpool.handlers:echo",
-    "command": "procpool.handlers:command",
-}
-# The handler that runs prompts as shell commands; route_to_pool avoids its pools by default.
-COMMAND_HANDLER = BUILTIN_HANDLERS["command"]
-# Default limits. Pools: each is three processes, so 16 pools is 48 workers, plenty for one
-# machine. A prompt of 1 MiB is far beyond any instruction text yet cheap to pickle to a worker;
-# a batch may still carry up to 1,000 of them on stdio (over HTTP the SDK caps a request at
-# 4 MiB). Timeout: one hour; every task gets one (it is also the default), so no tool call can
-# wait forever.
-DEFAULT_MAX_POOLS = 16
-DEFAULT_MAX_PROMPT_BYTES = 1 << 20
-DEFAULT_MAX_BATCH = 1000
-DEFAULT_MAX_TIMEOUT = 3600.0
 # How long delete_pool and server shutdown let running tasks finish before killing them.
 SHUTDOWN_GRACE = 5.0
 # Longest error text sent back to a client; a remote traceback can be pages long.
 MAX_ERROR_CHARS = 500
 
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
 _POOL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 SELECTORS = ("least_loaded", "round_robin", "random")
-_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The pool kinds create_pool offers: three processes of the server's host, or three workers of a
+# Dask cluster the operator allowed.
+BACKENDS = ("local", "dask")
 
 
 class RequestRefused(ValueError):
-    """A tool call broke a limit or the handler allow-list; nothing was run."""
-
-
-# -- configuration: the flags ---------------------------------------------------------------------
-
-
-def parse_handler(spec: str) -> tuple[str, str]:
-    """Read one ``--handler`` value: ``NAME=package.module:function`` or a built-in's name.
-
-    The function is imported now, so a typo stops the server at start rather than on the
-    agent's first ``create_pool``.
-
-    Returns:
-        ``(name, "package.module:function")``.
-
-    Raises:
-        ValueError: malformed, unknown built-in, or the function cannot be imported.
-    """
-    name, sep, path = spec.partition("=")
-    name = name.strip()
-    if not sep:
-        if name not in BUILTIN_HANDLERS:
-            raise ValueError(
-                f"{spec!r} is not a built-in handler (built-ins: {', '.join(sorted(BUILTIN_HANDLERS))}); "
-                "allow your own as NAME=package.module:function"
-            )
-        return name, BUILTIN_HANDLERS[name]
-    path = path.strip()
-    if not _NAME.match(name):
-        raise ValueError(f"handler name {name!r} must be a letter then up to 63 letters, digits, '_', '.' or '-'")
-    if path.count(":") != 1 or not all(path.split(":")):
-        raise ValueError(f"handler {name!r} must point at 'package.module:function', got {path!r}")
-    try:
-        fn = pkgutil.resolve_name(path)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"handler {name}={path} cannot be imported: {exc}") from exc
-    if not callable(fn):
-        raise ValueError(f"handler {name}={path} is not callable")
-    return name, path
-
-
-def parse_http(spec: str) -> tuple[str, int]:
-    """Read ``--http HOST:PORT``; HOST must be a loopback address (the server has no auth).
-
-    Raises:
-        ValueError: malformed, not loopback, or a port outside 1-65535.
-    """
-    host, sep, port_text = spec.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"expected HOST:PORT, such as 127.0.0.1:8765, got {spec!r}")
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be between 1 and 65535, got {port}")
-    if host != "localhost":
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ValueError(
-                f"{host!r} is not a loopback address; the server has no authentication, so it listens "
-                "only on 127.0.0.1, ::1 or localhost"
-            )
-    return host, port
-
-
-def _positive(name: str, value: Any, integer: bool) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (integer and not isinstance(value, int))
-        or not value > 0
-        or math.isinf(value)
-    ):
-        raise ValueError(f"{name} must be a positive, finite {'integer' if integer else 'number'}, got {value!r}")
-
-
-@attrs.frozen
-class ServerConfig:
-    """How the server was started: its handler allow-list, limits and transport.
-
-    Args:
-        handlers: allowed handler names and their ``package.module:function`` paths (at least one).
-        http: ``(host, port)`` to serve streamable HTTP on a loopback address; None for stdio.
-        max_pools: most pools alive at once.
-        max_prompt_bytes: largest prompt, and largest context as JSON, in UTF-8 bytes.
-        max_batch: most prompts in one ``execute_batch_on_pool``.
-        max_timeout: longest task timeout in seconds; also every task's default.
-        log_level: the root logger's level; None keeps the level already set (``procpool
-            --log-level``), or WARNING when logging is not configured yet. Logs go to stderr.
-        allow_route_to_command: let ``route_to_pool`` choose pools of the shell ``command``
-            handler (``procpool.handlers:command``, under any name). Off by default: an agent
-            that routes a prompt could otherwise have it run as a shell command line.
-            ``execute_on_pool`` on such a pool, by its id, is allowed either way.
-    """
-
-    handlers: Mapping[str, str] = attrs.field(converter=lambda h: dict(h))
-    http: tuple[str, int] | None = None
-    max_pools: int = DEFAULT_MAX_POOLS
-    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
-    max_batch: int = DEFAULT_MAX_BATCH
-    max_timeout: float = DEFAULT_MAX_TIMEOUT
-    log_level: str | None = None
-    allow_route_to_command: bool = attrs.field(default=False, kw_only=True)
-
-    def __attrs_post_init__(self) -> None:
-        if not self.handlers:
-            raise ValueError("allow at least one handler, e.g. --handler echo or --handler NAME=module:function")
-        for name, path in self.handlers.items():
-            parse_handler(f"{name}={path}")
-        if self.http is not None:
-            parse_http(f"{self.http[0]}:{self.http[1]}")
-        _positive("max_pools", self.max_pools, integer=True)
-        _positive("max_prompt_bytes", self.max_prompt_bytes, integer=True)
-        _positive("max_batch", self.max_batch, integer=True)
-        _positive("max_timeout", self.max_timeout, integer=False)
-        if self.log_level is not None and self.log_level.upper() not in _LEVELS:
-            raise ValueError(f"unknown log level {self.log_level!r}")
-        if not isinstance(self.allow_route_to_command, bool):
-            raise ValueError(f"allow_route_to_command must be True or False, got {self.allow_route_to_command!r}")
-
-    def limits(self) -> "Limits":
-        return {
-            "max_pools": self.max_pools,
-            "max_prompt_bytes": self.max_prompt_bytes,
-            "max_batch": self.max_batch,
-            "max_timeout": float(self.max_timeout),
-        }
+    """A tool call broke a limit or an allow-list (handlers, Dask addresses); nothing was run."""
 
 
 # -- results: the tools' output schemas ------------------------------------------------------------
@@ -231,10 +101,13 @@ class WorkerRef(TypedDict):
 
 
 class PoolCreated(TypedDict):
-    """A pool the server created; its three workers are running."""
+    """A pool the server created; its three workers are running (on the Dask cluster at ``address``
+    for a ``dask`` pool, whose pids are on that cluster's hosts)."""
 
     pool_id: str
     handler: str
+    backend: str
+    address: str | None
     state: str
     workers: list[WorkerRef]
 
@@ -285,6 +158,7 @@ class PoolSummary(TypedDict):
 
     pool_id: str
     handler: str
+    backend: str
     state: str
     health: str
     load: int
@@ -301,24 +175,16 @@ class PoolList(TypedDict):
 
 
 class PoolDeleted(TypedDict):
-    """A pool that was shut down; ``worker_pids`` are the processes that were stopped."""
+    """A pool that was shut down; ``worker_pids`` are the processes that were stopped (none for a
+    ``dask`` pool: its workers belong to the cluster, which keeps them)."""
 
     pool_id: str
     deleted: bool
     worker_pids: list[int]
 
 
-class Limits(TypedDict):
-    """The limits the server enforces on every call."""
-
-    max_pools: int
-    max_prompt_bytes: int
-    max_batch: int
-    max_timeout: float
-
-
 class ManagerStatus(TypedDict):
-    """Health of every pool, the allowed handlers and the limits.
+    """Health of every pool, the allowed handlers and Dask addresses, and the limits.
 
     ``status`` is healthy (every pool healthy), degraded (some pool can take work, not all are
     healthy) or unhealthy (no pool can take work, or there is none).
@@ -330,6 +196,7 @@ class ManagerStatus(TypedDict):
     pools_degraded: int
     pool_details: list[dict[str, Any]]
     handlers: dict[str, str]
+    dask_addresses: list[str]
     limits: Limits
 
 
@@ -418,6 +285,8 @@ class PoolTools:
         self.manager = manager
         # Handler name of each pool this server created (the pool itself knows only the path).
         self._handler_names: dict[str, str] = {}
+        # The Dask scheduler of each pool this server created on a cluster (local pools: absent).
+        self._dask_addresses: dict[str, str] = {}
         # Makes "count the pools, then create one" atomic, so concurrent calls respect max_pools.
         self._create_lock = asyncio.Lock()
 
@@ -432,6 +301,30 @@ class PoolTools:
         if handler not in allowed:
             raise RequestRefused(f"handler {handler!r} is not allowed here; allowed: {', '.join(sorted(allowed))}")
         return handler
+
+    def _pick_address(self, backend: str, address: str | None) -> str | None:
+        """The Dask scheduler a new pool goes to (None for a local pool): only one the operator listed."""
+        if backend not in BACKENDS:
+            raise RequestRefused(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        allowed = self.config.dask_addresses
+        if backend == "local":
+            if address is not None:
+                raise RequestRefused("address is for backend 'dask'; a local pool runs on the server's host")
+            return None
+        if not allowed:
+            raise RequestRefused(
+                "this server allows no Dask cluster; its operator can allow one with --dask-address tcp://HOST:PORT"
+            )
+        if address is None:
+            if len(allowed) == 1:
+                return allowed[0]
+            raise RequestRefused(f"name a Dask address; allowed: {', '.join(allowed)}")
+        if address not in allowed:
+            # Never reached, not even to check it: a scheduler runs whatever its clients send.
+            raise RequestRefused(
+                f"Dask address {address!r} is not allowed here; allowed: {', '.join(allowed)} (--dask-address)"
+            )
+        return address
 
     def _check_prompt(self, prompt: str, what: str = "prompt") -> None:
         size = len(prompt.encode("utf-8", "surrogatepass"))
@@ -516,8 +409,11 @@ class PoolTools:
 
     # -- tools ---------------------------------------------------------------------------------
 
-    async def create_pool(self, pool_id: str | None = None, handler: str | None = None) -> PoolCreated:
+    async def create_pool(
+        self, pool_id: str | None = None, handler: str | None = None, backend: str = "local", address: str | None = None
+    ) -> PoolCreated:
         name = self._pick_handler(handler)
+        address = self._pick_address(backend, address)
         if pool_id is not None and not _POOL_ID.match(pool_id):
             raise RequestRefused(
                 f"pool_id {pool_id!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
@@ -528,14 +424,19 @@ class PoolTools:
                 raise RequestRefused(
                     f"this server already has {count} pools, its limit (--max-pools); delete one first"
                 )
+            where = {"backend": "dask", "address": address} if address is not None else {}
             pool = await self.manager.create_pool(
-                pool_id, handler=self.config.handlers[name], task_timeout=self.config.max_timeout
+                pool_id, handler=self.config.handlers[name], task_timeout=self.config.max_timeout, **where
             )
             self._handler_names[pool.pool_id] = name
-        log.info("created pool %s with handler %s", pool.pool_id, name)
+            if address is not None:
+                self._dask_addresses[pool.pool_id] = address
+        log.info("created pool %s with handler %s on %s", pool.pool_id, name, address or "this host")
         return {
             "pool_id": pool.pool_id,
             "handler": name,
+            "backend": backend,
+            "address": address,
             "state": pool.state.value,
             "workers": [{"worker_id": w.worker_id, "pid": w.pid} for w in pool.workers],
         }
@@ -615,6 +516,7 @@ class PoolTools:
                 {
                     "pool_id": status["pool_id"],
                     "handler": self._handler_names.get(status["pool_id"], status.get("handler") or ""),
+                    "backend": status.get("backend", "local"),
                     "state": status["state"],
                     "health": status["health"],
                     "load": status["queue_size"] + status["tasks_in_flight"],
@@ -633,9 +535,12 @@ class PoolTools:
 
     async def delete_pool(self, pool_id: str) -> PoolDeleted:
         pool = self._pool(pool_id)
-        pids = [w.pid for w in pool.workers if w.pid is not None]
+        on_cluster = pool.pool_id in self._dask_addresses
+        # A Dask pool's workers are the cluster's: its shutdown stops its tasks, not them.
+        pids = [] if on_cluster else [w.pid for w in pool.workers if w.pid is not None]
         await self.manager.delete_pool(pool.pool_id, timeout=SHUTDOWN_GRACE)
         self._handler_names.pop(pool.pool_id, None)
+        self._dask_addresses.pop(pool.pool_id, None)
         log.info("deleted pool %s", pool.pool_id)
         return {"pool_id": pool.pool_id, "deleted": True, "worker_pids": pids}
 
@@ -648,5 +553,6 @@ class PoolTools:
             "pools_degraded": health["pools_degraded"],
             "pool_details": list(health["pool_details"]),
             "handlers": dict(self.config.handlers),
+            "dask_addresses": list(self.config.dask_addresses),
             "limits": self.config.limits(),
         }

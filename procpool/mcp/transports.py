@@ -22,17 +22,18 @@ from typing import Any
 
 import click
 
-from procpool.mcp.server import _build, _Lifespan
-from procpool.mcp.tools import (
+from procpool.mcp.config import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_POOLS,
     DEFAULT_MAX_PROMPT_BYTES,
     DEFAULT_MAX_TIMEOUT,
-    SHUTDOWN_GRACE,
     ServerConfig,
+    parse_dask_address,
     parse_handler,
     parse_http,
 )
+from procpool.mcp.server import _build, _Lifespan
+from procpool.mcp.tools import SHUTDOWN_GRACE
 
 __all__ = ("mcp_command", "run", "serve")
 
@@ -188,6 +189,15 @@ def _click_value(parse: Any) -> Any:
     "prompt would run as a shell command line.",
 )
 @click.option(
+    "--dask-address",
+    "dask_addresses",
+    multiple=True,
+    metavar="tcp://HOST:PORT",
+    callback=_click_value(parse_dask_address),
+    help="Allow pools on the Dask cluster whose scheduler is at this address (repeatable): an agent's "
+    "create_pool(backend='dask') may pick one of these, never an address of its own. None by default.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default=None,
@@ -201,6 +211,7 @@ def mcp_command(
     max_batch: int,
     max_timeout: float,
     allow_route_to_command: bool,
+    dask_addresses: tuple[str, ...],
     log_level: str | None,
 ) -> None:
     """Serve procpool's pool tools over MCP (stdio by default).
@@ -225,6 +236,7 @@ def mcp_command(
         max_timeout,
         log_level,
         allow_route_to_command=allow_route_to_command,
+        dask_addresses=dask_addresses,
     )
     if http is not None:
         click.echo(f"procpool MCP server on http://{http[0]}:{http[1]}/mcp", err=True)
