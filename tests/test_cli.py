@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 from pathlib import Path
 
 import attr
@@ -87,6 +89,41 @@ def test_demo_json_accounts_for_every_task_and_restarts_killed_workers():
     killed = [f["pid"] for f in summary["faults"] if f["fault"] == "sigkill"]
     assert killed and set(killed) <= set(summary["worker_pids"])
     assert_gone(summary["worker_pids"])
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``PROCPOOL_TEST_MARK=marker`` (inherited from the command)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("PROCPOOL_TEST_MARK") == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_demo_on_dask_prints_the_tables_with_a_worker_killed_half_way():
+    """demo --dask prints the same tables, a killed worker and a timed-out task included, and leaves no process."""
+    pytest.importorskip("distributed")
+    marker = uuid.uuid4().hex
+    proc = procpool("demo", "--dask", "--tasks", "24", "--pools", "1", env={**os.environ, "PROCPOOL_TEST_MARK": marker})
+    # Every process the demo started (the Dask workers inherit its environment) is gone soon after.
+    deadline = time.monotonic() + 10
+    while (left := _marked(marker)) and time.monotonic() < deadline:
+        psutil.wait_procs(left, timeout=0.5)
+    for leftover in left:
+        leftover.kill()
+    assert not left, f"processes left behind: {left}"
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "procpool demo: 1 pools x 3 workers on local Dask clusters" in out
+    assert "failed on purpose │ 2 (1 timed out, 1 worker killed)" in out
+    assert "failed otherwise │ 0" in out and "accounted for │ 24 of 24" in out
+    assert "same as the serial run" in out and "every pool healthy" in out
+    assert "SIGKILL to worker pid" in proc.stderr
+    assert len([line for line in proc.stdout.splitlines() if "demo-1-w" in line]) == 3
 
 
 def test_run_maps_a_user_function_and_prints_json_lines_in_order(user_module):
