@@ -87,7 +87,11 @@ class PendingQueue:
         return level
 
     def append(self, task: Task) -> None:
-        self._level(task.priority).append(task)
+        level = self._levels.get(task.priority)
+        if level:  # the hot path: the level already has tasks
+            level.append(task)
+        else:
+            self._level(task.priority).append(task)
         self._len += 1
 
     def extendleft(self, tasks: list[Task]) -> None:
@@ -296,11 +300,14 @@ class Dispatcher:
 
     def _send(self, worker: Worker, batch: list[Task]) -> None:
         now = time.monotonic()
-        waits = self.waits
+        priority = None
+        recent: collections.deque[float] | None = None
         for task in batch:
-            recent = waits.get(task.priority)
-            if recent is None:
-                recent = waits[task.priority] = collections.deque(maxlen=LATENCY_WINDOW)
+            if task.priority != priority or recent is None:
+                priority = task.priority
+                recent = self.waits.get(priority)
+                if recent is None:
+                    recent = self.waits[priority] = collections.deque(maxlen=LATENCY_WINDOW)
             recent.append(now - task.submitted_at)
         worker.send(batch)
         self.arm_head(worker)

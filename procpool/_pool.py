@@ -445,7 +445,7 @@ class WorkerPool:
     # -- internals: submission ---------------------------------------------------------------------
 
     def _call_options(self, priority: Any, retry: Any) -> tuple[int, RetryPolicy | None]:
-        if isinstance(priority, bool) or not isinstance(priority, int):
+        if type(priority) is not int and (isinstance(priority, bool) or not isinstance(priority, int)):
             raise TypeError(f"priority must be an int (higher runs first), not {type(priority).__name__}")
         return priority, self.retry if retry is None else _check_retry(retry)
 
