@@ -66,7 +66,7 @@ def _positive(_: Any, attribute: Any, value: Any) -> None:
 class AutoscalePolicy:
     """How a [`PoolManager`][procpool.PoolManager] adds and deletes pools of one template.
 
-    Args:
+    Attributes:
         min_pools: pools kept at all times (created when the manager starts; default 1).
         max_pools: pools at most (default 4).
         template: the [`WorkerPool`][procpool.WorkerPool] options of the pools it creates

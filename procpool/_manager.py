@@ -89,7 +89,8 @@ class PoolManager(Routing):
     manager relies only on [`PoolLike`][procpool.PoolLike], so selectors see both kinds alike.
     Use it as ``async with PoolManager() as manager`` or call [`start`][] and [`stop`][].
     Routing picks a pool per task with a selector: ``"least_loaded"`` (default),
-    ``"round_robin"``, ``"random"``, one added with [`register_selector`][], or any callable
+    ``"round_robin"``, ``"random"``, one added with
+    [`register_selector`][procpool.PoolManager.register_selector], or any callable
     following the [`Selector`][] protocol. Every selector is offered only running pools that
     are healthy or degraded; the built-in ones prefer healthy pools.
 

@@ -62,7 +62,7 @@ def _backoff(_: Any, attribute: Any, value: Any) -> None:
 class RetryPolicy:
     """When a failed task runs again; opt-in, because only the caller knows a task is idempotent.
 
-    Args:
+    Attributes:
         attempts: how many times the task may run in all, the first run included (default 3).
         on: the failures that are retried (default ``(WorkerCrashed,)``: the worker died, was
             stuck or over its memory limit, so the task did not complete). Add ``TaskTimeout``
