@@ -51,7 +51,7 @@ def kill_self_after_copy(value: Any) -> None:
 
 
 def sleep_with(value: Any, seconds: float = 30.0) -> int:
-    if value:
+    if len(value):
         time.sleep(seconds)
     return len(value)
 
