@@ -71,3 +71,31 @@ async def test_the_manager_passes_the_priority_to_the_chosen_pool(manager):
     assert 7 in levels
     futures = [manager.submit(st.add, i, i, requires={"llm"}, priority=i) for i in range(3)]
     assert [await f for _, f in futures] == [0, 2, 4]
+
+
+async def test_the_mcp_tools_create_tagged_pools_and_route_by_tag_and_priority():
+    """The MCP tools take tags on create_pool, requires and priority on route_to_pool, priority on execute_on_pool."""
+    from procpool.mcp.tools import PoolTools, RequestRefused, ServerConfig
+
+    pids: set[int] = set()
+    async with PoolManager() as m:
+        tools = PoolTools(ServerConfig({"echo": "procpool.handlers:echo"}), m)
+        created = await tools.create_pool("agents", tags=["llm"])
+        await tools.create_pool("batch", tags=["cpu"])
+        for pool in (m.get_pool("agents"), m.get_pool("batch")):
+            pids.update(pids_of(pool))
+        assert created["tags"] == ["llm"]
+        for _ in range(3):
+            routed = await tools.route_to_pool("hello", requires=["cpu"], priority=3)
+            assert routed["pool_id"] == "batch" and routed["result"]["prompt"] == "hello"
+        assert 3 in {p.priority for p in m.get_pool("batch").statistics().priorities}
+        done = await tools.execute_on_pool("agents", "hi", priority=-2)
+        assert done["pool_id"] == "agents" and done["result"]["prompt"] == "hi"
+        assert -2 in {p.priority for p in m.get_pool("agents").statistics().priorities}
+        with pytest.raises(RequestRefused, match="priority"):
+            await tools.execute_on_pool("agents", "hi", priority=10**9)
+        with pytest.raises(RequestRefused, match="requires"):
+            await tools.route_to_pool("hi", requires=["not a tag!"])
+        with pytest.raises(NoPoolAvailable):
+            await tools.route_to_pool("hi", requires=["gpu"])
+    assert_gone(sorted(pids))

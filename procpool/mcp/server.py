@@ -24,6 +24,7 @@ from procpool import PoolLike, PoolManager, PoolState
 from procpool.errors import task_error
 from procpool.mcp.tools import (
     BACKENDS,
+    MAX_PRIORITY,
     SELECTORS,
     SHUTDOWN_GRACE,
     BatchResult,
@@ -211,23 +212,43 @@ def _mount(server: Any, config: ServerConfig, get_tools: Callable[[], PoolTools]
             json_schema_extra={"enum": list(SELECTORS)},
         ),
     ]
+    Priority = Annotated[
+        int,
+        Field(
+            description="Higher runs first in the pool's queue (default 0); tasks of one priority run in order. "
+            "A task already handed to a worker is not overtaken.",
+            json_schema_extra={"minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY},
+        ),
+    ]
+    Tags = Annotated[
+        list[str] | None,
+        Field(description="Labels for the new local pool, such as llm or cpu, that route_to_pool can require."),
+    ]
+    Requires = Annotated[
+        list[str] | None,
+        Field(description="Route only to pools carrying every one of these tags (given to create_pool)."),
+    ]
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
     runs_work = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 
     @tool(ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False))
     async def create_pool(
-        pool_id: NewPoolId = None, handler: HandlerName = None, backend: Backend = "local", address: DaskAddress = None
+        pool_id: NewPoolId = None,
+        handler: HandlerName = None,
+        backend: Backend = "local",
+        address: DaskAddress = None,
+        tags: Tags = None,
     ) -> PoolCreated:
         """Create and start a pool of three worker processes running an allowed handler, on the server's host or on an
         allowed Dask cluster."""
-        return await get_tools().create_pool(pool_id, handler, backend, address)
+        return await get_tools().create_pool(pool_id, handler, backend, address, tags=tags)
 
     @tool(runs_work)
     async def execute_on_pool(
-        pool_id: PoolId, prompt: Prompt, context: Ctx = None, timeout: Timeout = None
+        pool_id: PoolId, prompt: Prompt, context: Ctx = None, timeout: Timeout = None, priority: Priority = 0
     ) -> TaskResult:
         """Run the pool's handler on one prompt; return its result with task id, worker id, pool id and duration."""
-        return await get_tools().execute_on_pool(pool_id, prompt, context, timeout)
+        return await get_tools().execute_on_pool(pool_id, prompt, context, timeout, priority=priority)
 
     @tool(runs_work)
     async def execute_batch_on_pool(
@@ -243,10 +264,14 @@ def _mount(server: Any, config: ServerConfig, get_tools: Callable[[], PoolTools]
         context: Ctx = None,
         selector: SelectorName = "least_loaded",
         timeout: Timeout = None,
+        priority: Priority = 0,
+        requires: Requires = None,
     ) -> RoutedResult:
-        """Run a prompt on the pool a selector picks among the pools of one handler; return the result and which
-        pool ran it. Name the handler when the pools run several."""
-        return await get_tools().route_to_pool(prompt, context, selector, timeout, handler)
+        """Run a prompt on the pool a selector picks among the pools of one handler (and, with requires, carrying
+        those tags); return the result and which pool ran it. Name the handler when the pools run several."""
+        return await get_tools().route_to_pool(
+            prompt, context, selector, timeout, handler, priority=priority, requires=requires
+        )
 
     @tool(read_only)
     async def list_pools() -> PoolList:

@@ -80,6 +80,13 @@ SHUTDOWN_GRACE = 5.0
 MAX_ERROR_CHARS = 500
 
 _POOL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+# A tag (create_pool's tags, route_to_pool's requires), and how many a request may name.
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+MAX_TAGS = 16
+
+
+# Priorities an agent may ask for (higher runs first).
+MAX_PRIORITY = 1000
 SELECTORS = ("least_loaded", "round_robin", "random")
 # The pool kinds create_pool offers: three processes of the server's host, or three workers of a
 # Dask cluster the operator allowed.
@@ -109,6 +116,7 @@ class PoolCreated(TypedDict):
     backend: str
     address: str | None
     state: str
+    tags: list[str]
     workers: list[WorkerRef]
 
 
@@ -203,13 +211,13 @@ class ManagerStatus(TypedDict):
 # -- routing --------------------------------------------------------------------------------------
 
 
-def _choose_pool(manager: PoolManager, selector: str, handler: str) -> PoolLike:
+def _choose_pool(manager: PoolManager, selector: str, handler: str, requires: list[str] | None = None) -> PoolLike:
     """The pool ``selector`` picks among the pools of ``handler``, as ``PoolManager.route_task`` would.
 
     route_task returns only the handler's value, and the tool must report the task's id, worker
     and duration, so the tool picks the pool here and runs ``execute_detailed`` on it itself.
     """
-    return manager.choose_pool(selector, handler=handler)
+    return manager.choose_pool(selector, handler=handler, requires=requires)
 
 
 def _callers_cancellation(exc: BaseException) -> bool:
@@ -220,7 +228,9 @@ def _callers_cancellation(exc: BaseException) -> bool:
     return current is None or current.cancelling() > 0
 
 
-async def _execute(pool: PoolLike, prompt: str, context: dict[str, Any] | None, timeout: float | None) -> TaskReport:
+async def _execute(
+    pool: PoolLike, prompt: str, context: dict[str, Any] | None, timeout: float | None, priority: int = 0
+) -> TaskReport:
     """``pool.execute_detailed``, with a task's SystemExit, KeyboardInterrupt or the like as its failure.
 
     Such an exception, re-raised here and let out of this coroutine, would end the server's event
@@ -229,7 +239,8 @@ async def _execute(pool: PoolLike, prompt: str, context: dict[str, Any] | None, 
     """
     started = time.monotonic()
     try:
-        return await pool.execute_detailed(prompt, context, timeout)
+        options: dict[str, Any] = {"priority": priority} if priority else {}
+        return await pool.execute_detailed(prompt, context, timeout, **options)
     except Exception:
         raise
     except BaseException as exc:
@@ -342,6 +353,18 @@ class PoolTools:
             raise RequestRefused(f"context must be a JSON object: {exc}") from None
         self._check_prompt(text, "context (as JSON)")
 
+    def _check_priority(self, priority: int) -> int:
+        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
+            raise RequestRefused(f"priority must be an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}: {priority!r}")
+        return priority
+
+    def _check_tags(self, tags: list[str] | None, what: str) -> list[str] | None:
+        if tags is not None and not (
+            isinstance(tags, list) and len(tags) <= MAX_TAGS and all(isinstance(t, str) and _TAG.match(t) for t in tags)
+        ):
+            raise RequestRefused(f"{what} must be a list of at most {MAX_TAGS} tags of 1-32 letters, digits, _ . -")
+        return tags
+
     def _check_timeout(self, timeout: float | None) -> float | None:
         if timeout is None:
             return None
@@ -410,10 +433,18 @@ class PoolTools:
     # -- tools ---------------------------------------------------------------------------------
 
     async def create_pool(
-        self, pool_id: str | None = None, handler: str | None = None, backend: str = "local", address: str | None = None
+        self,
+        pool_id: str | None = None,
+        handler: str | None = None,
+        backend: str = "local",
+        address: str | None = None,
+        tags: list[str] | None = None,
     ) -> PoolCreated:
         name = self._pick_handler(handler)
         address = self._pick_address(backend, address)
+        tags = self._check_tags(tags, "tags")
+        if tags and backend != "local":
+            raise RequestRefused("tags are for local pools; a Dask pool carries none")
         if pool_id is not None and not _POOL_ID.match(pool_id):
             raise RequestRefused(
                 f"pool_id {pool_id!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
@@ -424,7 +455,7 @@ class PoolTools:
                 raise RequestRefused(
                     f"this server already has {count} pools, its limit (--max-pools); delete one first"
                 )
-            where = {"backend": "dask", "address": address} if address is not None else {}
+            where = {"backend": "dask", "address": address} if address is not None else {"tags": tags or ()}
             pool = await self.manager.create_pool(
                 pool_id, handler=self.config.handlers[name], task_timeout=self.config.max_timeout, **where
             )
@@ -438,17 +469,24 @@ class PoolTools:
             "backend": backend,
             "address": address,
             "state": pool.state.value,
+            "tags": sorted(tags or ()),
             "workers": [{"worker_id": w.worker_id, "pid": w.pid} for w in pool.workers],
         }
 
     async def execute_on_pool(
-        self, pool_id: str, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None
+        self,
+        pool_id: str,
+        prompt: str,
+        context: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
     ) -> TaskResult:
         self._check_prompt(prompt)
         self._check_context(context)
         timeout = self._check_timeout(timeout)
+        priority = self._check_priority(priority)
         pool = self._pool(pool_id)
-        return self._result(await _execute(pool, prompt, context, timeout))
+        return self._result(await _execute(pool, prompt, context, timeout, priority))
 
     async def execute_batch_on_pool(
         self, pool_id: str, prompts: list[str], context: dict[str, Any] | None = None, timeout: float | None = None
@@ -501,12 +539,16 @@ class PoolTools:
         selector: str = "least_loaded",
         timeout: float | None = None,
         handler: str | None = None,
+        priority: int = 0,
+        requires: list[str] | None = None,
     ) -> RoutedResult:
         self._check_prompt(prompt)
         self._check_context(context)
         timeout = self._check_timeout(timeout)
-        pool = _choose_pool(self.manager, selector, self._route_handler(handler))
-        result = self._result(await _execute(pool, prompt, context, timeout))
+        priority = self._check_priority(priority)
+        requires = self._check_tags(requires, "requires")
+        pool = _choose_pool(self.manager, selector, self._route_handler(handler), requires)
+        result = self._result(await _execute(pool, prompt, context, timeout, priority))
         return {**result, "selector": selector, "handler": self._handler_names.get(pool.pool_id, "")}
 
     async def list_pools(self) -> PoolList:
