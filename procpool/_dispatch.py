@@ -245,9 +245,8 @@ class Dispatcher:
         task = Task(next(self._ids), payload, future, timeout, time.monotonic(), priority=priority, retry=retry)
         future.on_cancel = functools.partial(self._on_cancel, task)
         self._counters.tasks_submitted += 1
-        if retry is not None:
-            task.attempts = []
-            poison = self._poison.get(_retry.payload_digest(payload)) if self._poison else None
+        if retry is not None and self._poison:
+            poison = self._poison.get(_retry.payload_digest(payload))
             if poison is not None:
                 self.resolve(task, False, poison)  # quarantined: the same call is not run again
                 return task
@@ -334,7 +333,8 @@ class Dispatcher:
         if policy is None or task.future.done() or not self.open:
             self.resolve(task, False, error)
             return
-        assert task.attempts is not None
+        if task.attempts is None:  # made at the first failure: most tasks never fail
+            task.attempts = []
         what = f"task {task.id} of pool {self.pool_id!r}"
         step = _retry.next_step(policy, task.attempts, task.pid, exitcode, task_error(error), what)
         if isinstance(step, float):
