@@ -59,7 +59,7 @@ async def test_a_high_priority_task_waits_only_behind_tasks_already_handed_to_wo
     await pool.initialize()
     try:
         log = str(tmp_path / "log")
-        count = 3000
+        count = 10_000  # leaves a long queue behind it even when a loaded loop lags far behind its workers
         lows = [pool.submit(st.record, log, str(i)) for i in range(count)]
         # Tiny tasks: once some are measured the window grows, so workers hold many each. The
         # high-priority task is submitted from the 300th task's completion, in the loop.
