@@ -312,6 +312,9 @@ def main(
         # Lets the parent capture the stack of a stuck task before it kills the worker: an
         # anonymous file the parent holds too and reads by descriptor.
         faulthandler.register(signal.SIGUSR1, file=stack_fd, all_threads=True)
+        # A fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) writes the crashing stack
+        # there too, so the task's WorkerCrashed can say where it died.
+        faulthandler.enable(file=stack_fd, all_threads=True)
     _state = state
     calls = ConnectionQueue(call_conn)
     results = ConnectionQueue(result_conn)

@@ -30,12 +30,11 @@ from procpool.errors import (
     PoolClosed,
     TaskTimeout,
     WorkerCrashed,
-    WorkerStuck,
 )
 
 __all__ = ("RetryPolicy", "next_step", "payload_digest")
 
-# How much of a stuck task's stack an Attempt keeps.
+# How much of a stuck or crashed task's stack an Attempt keeps.
 STACK_EXCERPT = 2000
 
 
@@ -96,8 +95,9 @@ def _killed_worker(error: BaseException) -> bool:
 
 def _evidence(number: int, pid: int | None, exitcode: int | None, error: BaseException) -> Attempt:
     stack = None
-    if isinstance(error, WorkerStuck):
-        stack = error.detail[-STACK_EXCERPT:]
+    if isinstance(error, WorkerCrashed) and "\nstack of the " in error.detail:
+        # A stuck worker's stack, captured before its kill, or a crashed one's (fatal signal).
+        stack = error.detail.split("\nstack of the ", 1)[1][-STACK_EXCERPT:]
     exitcode = getattr(error, "exitcode", None) or exitcode
     return Attempt(
         number,

@@ -378,6 +378,8 @@ class Supervisor:
         detail = f"task {task.id} on worker {worker.worker_id}"
         if ended.kill_reason is not None:
             detail += f", killed while the worker was being replaced ({ended.kill_reason})"
+        if ended.crash_stack:
+            detail += f"\nstack of the crashed worker:\n{ended.crash_stack}"
         self._counters.tasks_crashed += 1
         return WorkerCrashed(ended.pid, ended.exitcode, detail)
 

@@ -52,6 +52,8 @@ log = logging.getLogger("procpool.worker")
 # 0.1 s); a process that closed its sentinel but lives on is killed after REAP_PATIENCE seconds.
 REAP_FIRST_DELAY = 0.001
 REAP_PATIENCE = 5.0
+# Signals faulthandler reports from inside the dying process (with its stack).
+_FATAL_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGABRT, signal.SIGILL})
 # A worker with this many failures in a row is unhealthy until a task succeeds again.
 UNHEALTHY_AFTER_FAILURES = 3
 
@@ -94,6 +96,8 @@ class WorkerExit:
     kill_seq: int
     # Why the start failed, as a clause for BrokenPool's message.
     init_failure: str | None
+    # What faulthandler wrote when a fatal signal (SIGSEGV...) killed it, else "".
+    crash_stack: str = ""
 
 
 @attrs.frozen
@@ -292,6 +296,7 @@ class Worker:
             kill_reason=self._kill_reason,
             kill_seq=self._kill_seq,
             init_failure=self._init_failure,
+            crash_stack=self.read_stack() if exitcode is not None and -exitcode in _FATAL_SIGNALS else "",
         )
         self.in_flight.clear()
         self._release()

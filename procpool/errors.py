@@ -160,7 +160,8 @@ class Attempt(NamedTuple):
     error: str
     # Whether the failure cost the worker its life (a crash, a stuck or memory kill, a timeout).
     killed_worker: bool = False
-    # The end of the task's stack when one was captured (a stuck worker's), else None.
+    # The end of the task's stack when one was captured (a stuck worker's, or a crashed one's
+    # after a fatal signal such as SIGSEGV), else None.
     stack: str | None = None
 
     def __str__(self) -> str:

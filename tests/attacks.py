@@ -101,3 +101,10 @@ def child_burns_cpu(seconds: float) -> int:
     code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
     subprocess.run([sys.executable, "-c", code], check=True)
     return os.getpid()
+
+
+def segfault_in_c() -> None:
+    """Dereference NULL in C: the worker dies of SIGSEGV inside this function."""
+    import ctypes
+
+    ctypes.string_at(0)
