@@ -77,17 +77,17 @@ def _tool_error_class(server: Any) -> type[Exception]:
     for cls in type(server).__mro__:
         module = cls.__module__ or ""
         if module == "fastmcp" or module.startswith("fastmcp."):
-            from fastmcp.exceptions import ToolError
+            from fastmcp.exceptions import ToolError as FastMCPToolError
 
-            return ToolError
+            return FastMCPToolError
         if module.startswith("mcp.server.fastmcp"):
-            from procpool.mcp._sdk1 import ToolError
+            from procpool.mcp._sdk1 import ToolError as SDK1ToolError
 
-            return ToolError
+            return SDK1ToolError
         if module.startswith("mcp.server.mcpserver"):
-            from procpool.mcp._sdk2 import ToolError
+            from procpool.mcp._sdk2 import ToolError as SDK2ToolError
 
-            return ToolError
+            return SDK2ToolError
     raise TypeError(
         "register_pool_tools mounts on the MCP SDK's FastMCP (mcp 1.x) or MCPServer (mcp 2.x), or on the fastmcp "
         f"package's FastMCP; got {type(server).__name__}"
