@@ -4,6 +4,7 @@
 them on a server of either MCP SDK generation, ``procpool.mcp.transports`` serves them.
 """
 
+from procpool.cli.mcp import mcp as mcp_command
 from procpool.mcp.server import build_server, register_pool_tools
 from procpool.mcp.tools import (
     BUILTIN_HANDLERS,
@@ -21,7 +22,7 @@ from procpool.mcp.tools import (
     parse_handler,
     parse_http,
 )
-from procpool.mcp.transports import mcp_command, run, serve
+from procpool.mcp.transports import run, serve
 
 __all__ = (
     "BUILTIN_HANDLERS",

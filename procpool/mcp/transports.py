@@ -1,6 +1,6 @@
-"""Serving the pool tools: stdio or streamable HTTP, signals, and the ``procpool mcp`` command.
+"""Serving the pool tools: stdio or streamable HTTP, and the signals that end a server.
 
-``procpool mcp --handler echo`` serves the tools ``create_pool``, ``execute_on_pool``,
+The ``procpool mcp`` command (procpool/cli/mcp.py) serves the tools ``create_pool``, ``execute_on_pool``,
 ``execute_batch_on_pool``, ``route_to_pool``, ``list_pools``, ``get_pool_status``,
 ``check_pool_health``, ``delete_pool`` and ``get_pool_manager_status`` with the installed MCP
 Python SDK, 1.x (>= 1.24) or 2.x (>= 2.3) (``pip install 'procpool[mcp]'``). See docs/mcp.md.
@@ -14,28 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
 from typing import Any
 
-import click
-
 from procpool.mcp.config import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_POOLS,
-    DEFAULT_MAX_PROMPT_BYTES,
-    DEFAULT_MAX_TIMEOUT,
     ServerConfig,
-    parse_dask_address,
-    parse_handler,
-    parse_http,
 )
 from procpool.mcp.server import _build, _Lifespan
 from procpool.mcp.tools import SHUTDOWN_GRACE
 
-__all__ = ("mcp_command", "run", "serve")
+__all__ = ("run", "serve")
 
 log = logging.getLogger("procpool.mcp")
 
@@ -107,146 +97,3 @@ def run(config: ServerConfig) -> None:
     """Serve ``config`` in this process until done (blocking); logs go to stderr."""
     _setup_logging(config.log_level)
     asyncio.run(serve(config))
-
-
-def _parse_handler_flag(spec: str) -> tuple[str, str]:
-    """parse_handler for ``--handler``: like ``python -m`` and ``procpool run``, find modules in
-    the working directory (issue 9: ``procpool mcp`` could not import ``mypkg.agents:review``).
-    The workers inherit sys.path."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    return parse_handler(spec)
-
-
-def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    # click's FloatRange lets NaN through: every comparison with it is false.
-    if not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number of seconds", ctx, param)
-    return value
-
-
-def _click_value(parse: Any) -> Any:
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        try:
-            if isinstance(value, tuple):
-                return tuple(parse(v) for v in value)
-            return None if value is None else parse(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx, param) from None
-
-    return callback
-
-
-@click.command("mcp")
-@click.option(
-    "--handler",
-    "handlers",
-    multiple=True,
-    metavar="NAME=module:function",
-    callback=_click_value(_parse_handler_flag),
-    help="Allow a prompt handler under NAME (repeatable). A built-in by name alone: 'echo', or "
-    "'command' (runs each prompt as a shell command: only for trusted clients).",
-)
-@click.option(
-    "--http",
-    metavar="HOST:PORT",
-    callback=_click_value(parse_http),
-    help="Serve streamable HTTP at http://HOST:PORT/mcp (loopback only) instead of stdio.",
-)
-@click.option(
-    "--max-pools",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_POOLS,
-    show_default=True,
-    help="Most pools alive at once.",
-)
-@click.option(
-    "--max-prompt-bytes",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_PROMPT_BYTES,
-    show_default=True,
-    help="Largest prompt (and context, as JSON), in UTF-8 bytes.",
-)
-@click.option(
-    "--max-batch",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_BATCH,
-    show_default=True,
-    help="Most prompts in one execute_batch_on_pool call.",
-)
-@click.option(
-    "--max-timeout",
-    type=click.FloatRange(min=0, min_open=True, max=1e9),
-    default=DEFAULT_MAX_TIMEOUT,
-    show_default=True,
-    callback=_finite,
-    help="Longest task timeout in seconds; also the default for every task.",
-)
-@click.option(
-    "--allow-route-to-command",
-    is_flag=True,
-    help="Let route_to_pool choose pools of the shell 'command' handler. Off by default: a routed "
-    "prompt would run as a shell command line.",
-)
-@click.option(
-    "--dask-address",
-    "dask_addresses",
-    multiple=True,
-    metavar="tcp://HOST:PORT",
-    callback=_click_value(parse_dask_address),
-    help="Allow pools on the Dask cluster whose scheduler is at this address (repeatable): an agent's "
-    "create_pool(backend='dask') may pick one of these, never an address of its own. None by default.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default=None,
-    help="Log level (logs go to stderr). Default: procpool's --log-level, or warning.",
-)
-def mcp_command(
-    handlers: tuple[tuple[str, str], ...],
-    http: tuple[str, int] | None,
-    max_pools: int,
-    max_prompt_bytes: int,
-    max_batch: int,
-    max_timeout: float,
-    allow_route_to_command: bool,
-    dask_addresses: tuple[str, ...],
-    log_level: str | None,
-) -> None:
-    """Serve procpool's pool tools over MCP (stdio by default).
-
-    Agents create pools, run prompts and read status; they never send code. Example:
-
-        procpool mcp --handler echo --handler review=mypkg.agents:review
-    """
-    allowed: dict[str, str] = {}
-    for name, path in handlers:
-        if name in allowed and allowed[name] != path:
-            raise click.BadParameter(f"handler name {name!r} is given twice", param_hint="'--handler'")
-        allowed[name] = path
-    if not allowed:
-        raise click.UsageError("allow at least one handler, e.g. --handler echo or --handler NAME=module:function")
-    config = ServerConfig(
-        allowed,
-        http,
-        max_pools,
-        max_prompt_bytes,
-        max_batch,
-        max_timeout,
-        log_level,
-        allow_route_to_command=allow_route_to_command,
-        dask_addresses=dask_addresses,
-    )
-    if http is not None:
-        click.echo(f"procpool MCP server on http://{http[0]}:{http[1]}/mcp", err=True)
-    try:
-        run(config)
-    except ImportError as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:  # pragma: no cover - only when SIGINT lands before the handler is set
-        pass
-
-
-if __name__ == "__main__":
-    mcp_command()
