@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -208,7 +209,8 @@ class Dispatcher:
                 self.room_granted -= 1  # woken, then cancelled: pass the place on
                 self.update_room()
             else:
-                self.room_waiters.remove(waiter)
+                with contextlib.suppress(ValueError):  # update_room may have dropped it already
+                    self.room_waiters.remove(waiter)
             raise
         self.room_granted -= 1
         if self.room_waiters:

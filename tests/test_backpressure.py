@@ -65,3 +65,20 @@ async def test_a_cancelled_waiter_passes_its_place_on(tmp_path):
         assert await asyncio.wait_for(second, 30) == 2
         await asyncio.gather(*blockers)
         assert pool._tasks.room_granted == 0 and not pool._tasks.room_waiters
+
+
+async def test_a_cancelled_waiter_that_room_skipped_ends_cancelled(tmp_path):
+    """A waiter cancelled just before room frees up ends with CancelledError, not an error of the pool's own."""
+    barrier = tmp_path / "go"
+    async with WorkerPool(max_pending=1) as pool:
+        blockers = [pool.submit(tasks.wait_for_file, str(barrier)) for _ in range(4)]  # 3 run, 1 waits
+        waiter = asyncio.ensure_future(pool.apply(attacks.ident, (1,)))
+        while not pool._tasks.room_waiters:
+            await asyncio.sleep(0)
+        waiter.cancel()  # its future in the line is cancelled now; the task sees it next step
+        blockers[3].cancel()  # frees the queue's place in this same step: room looks at the line
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        barrier.touch()
+        await asyncio.wait_for(asyncio.gather(*blockers[:3]), 30)
+        assert pool._tasks.room_granted == 0 and not pool._tasks.room_waiters
