@@ -313,6 +313,11 @@ class Worker:
             return False
         if not proc.at_eof(self._sentinel):
             return False  # the server wrote the exit status: a real death
+        # multiprocessing itself reads the status of dead children at every Process.start()
+        # (its _cleanup()), so the pipe can be at EOF after a real death whose status it holds.
+        known = getattr(getattr(self.process, "_popen", None), "returncode", None)
+        if (known is not None and known != 255) or proc.running(self._server_pid):
+            return False
         self._orphaned = True
         if proc.forget_fork_server(self._server_pid, self._loop):
             log.warning("the fork server (pid %s) died; starting a new one for new workers", self._server_pid)

@@ -419,7 +419,6 @@ def test_interpreter_exit_with_work_pending_finishes_it_and_leaves_no_process(tm
             import tasks
             from procpool import Executor, PoolClosed
 
-            @atexit.register
             def submit_too_late():
                 try:
                     executor.submit(tasks.square, 2)
@@ -427,6 +426,8 @@ def test_interpreter_exit_with_work_pending_finishes_it_and_leaves_no_process(tm
                     print("refused:", exc, flush=True)
 
             if __name__ == "__main__":
+                # Only here: the fork server imports this module too, and must not run the hook.
+                atexit.register(submit_too_late)
                 executor = Executor(3)
                 executor.submit(tasks.square, 2).result()
                 futures = [executor.submit(tasks.sleep_then, 0.2, i) for i in range(12)]

@@ -5,6 +5,7 @@ server's death costs no task. Real processes and real signals."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import signal
@@ -138,4 +139,22 @@ async def test_reaping_a_dead_worker_never_blocks_the_loop(tmp_path):
             await ticking
         assert info.value.exitcode == 5, str(info.value)
         assert max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.2f} s"
+        await all_healthy(pool)
+
+
+async def test_a_death_whose_status_multiprocessing_already_read_keeps_its_exit_code():
+    """A worker whose exit status multiprocessing's own cleanup read first still fails its task with that status."""
+    async with WorkerPool(start_method="forkserver") as pool:
+        future = pool.submit(tasks.slow_pid, 60)
+        await wait_until(lambda: _running(pool, 1))
+        worker = next(w for w in pool.workers if w.in_flight)
+        sentinel = worker.process.sentinel
+        os.kill(worker.pid, signal.SIGKILL)
+        # Before the event loop sees the death: wait (blocking) for the fork server to write the
+        # status, then let multiprocessing collect it, as every Process.start() does.
+        assert multiprocessing.connection.wait([sentinel], timeout=30)
+        multiprocessing.active_children()
+        with pytest.raises(WorkerCrashed) as info:
+            await asyncio.wait_for(future, 30)
+        assert info.value.exitcode == -signal.SIGKILL, str(info.value)
         await all_healthy(pool)
