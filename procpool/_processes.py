@@ -239,14 +239,6 @@ def start_worker(launch: Launch, shared: Any, name: str) -> tuple[Any, Any, Any,
     return process, call_w, result_r, stack_fd, arena_fd
 
 
-def running(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited (a zombie has)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def descendants(pid: int | None) -> list[psutil.Process]:
     """Every live process below ``pid`` (a worker's tasks' processes), or [] when it is gone."""
     if pid is None:

@@ -315,8 +315,9 @@ class Worker:
             return False  # the server wrote the exit status: a real death
         # multiprocessing itself reads the status of dead children at every Process.start()
         # (its _cleanup()), so the pipe can be at EOF after a real death whose status it holds.
+        # (255 is what it records when the pipe was at EOF: the server's death, again.)
         known = getattr(getattr(self.process, "_popen", None), "returncode", None)
-        if (known is not None and known != 255) or proc.running(self._server_pid):
+        if known is not None and known != 255:
             return False
         self._orphaned = True
         if proc.forget_fork_server(self._server_pid, self._loop):
