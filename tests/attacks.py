@@ -94,6 +94,14 @@ def leave_thread(seconds: float) -> int:
     return os.getpid()
 
 
+def child_sleeps(seconds: float) -> int:
+    """Wait on a child process that uses no CPU at all."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", f"import time; time.sleep({seconds})"], check=True)
+    return os.getpid()
+
+
 def child_burns_cpu(seconds: float) -> int:
     """Wait on a child process that uses CPU the whole time (as a build would)."""
     import subprocess

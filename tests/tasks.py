@@ -96,14 +96,6 @@ def mark_then_wait(mark: str, barrier: str, timeout: float = 30.0) -> int:
     return wait_for_file(barrier, timeout)
 
 
-def spawn_grandchild(seconds: float) -> int:
-    """Start a long-running subprocess and block; return nothing useful (the test kills us)."""
-    proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
-    Path(f"/tmp/procpool-grandchild-{os.getpid()}").write_text(str(proc.pid))
-    time.sleep(seconds)
-    return proc.pid
-
-
 def busy_loop(seconds: float) -> int:
     end = time.monotonic() + seconds
     n = 0

@@ -67,7 +67,7 @@ async def test_a_task_waiting_on_an_idle_child_is_still_stuck():
     """A task blocked on a child that uses no CPU is still judged stuck (the descendants' CPU is what counts)."""
     async with WorkerPool(stuck_after=0.5) as pool:
         with pytest.raises(WorkerStuck):
-            await asyncio.wait_for(pool.apply(tasks.spawn_grandchild, (60,)), 60)
+            await asyncio.wait_for(pool.apply(attacks.child_sleeps, (60,)), 60)
 
 
 def test_stuck_after_has_a_floor():
