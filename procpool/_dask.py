@@ -43,7 +43,6 @@ from procpool._dask_slots import (
     DaskWorker,
     check_open,
     check_seconds,
-    decode_error,
     handler_path,
     pickle_call,
     pool_health,
@@ -51,6 +50,7 @@ from procpool._dask_slots import (
     status_dict,
 )
 from procpool._dask_tasks import TaskBook
+from procpool._messages import decode_error
 from procpool._progress import ProgressArg, make_progress
 from procpool.errors import BrokenPool, PoolClosed, PoolFull, task_error
 

@@ -22,7 +22,7 @@ import cloudpickle
 import distributed
 
 from procpool import POOL_SIZE, PoolState, PoolStatistics, WorkerStatistics, _dask_worker
-from procpool.errors import BrokenPool, PoolClosed, RemoteTraceback, SerializationError
+from procpool.errors import BrokenPool, PoolClosed, SerializationError
 
 __all__ = (
     "Counters",
@@ -32,7 +32,6 @@ __all__ = (
     "TaskFuture",
     "check_open",
     "check_seconds",
-    "decode_error",
     "handler_path",
     "percentile",
     "pickle_call",
@@ -254,25 +253,6 @@ def prompt_call(pool_id: str, handler: str | None, prompt: Any, context: Any) ->
     if context is not None and not isinstance(context, dict):
         raise TypeError(f"context must be a dict or None, not {type(context).__name__}")
     return pickle_call(_dask_worker.run_handler, (handler, prompt, context or {}), {})
-
-
-def decode_error(payload: bytes) -> BaseException:
-    """Rebuild a task's exception from the worker's encoding, the remote traceback as its cause."""
-    name, tb, exc_bytes = pickle.loads(payload)
-    exc: BaseException
-    if exc_bytes is None:
-        exc = SerializationError(f"the task raised {name}, which could not be pickled; see the cause")
-    else:
-        try:
-            exc = pickle.loads(exc_bytes)
-            if not isinstance(exc, BaseException):
-                raise TypeError(f"it unpickled as {type(exc).__qualname__}")
-        except BaseException as err:  # unpickling runs the sender's code: SystemExit included
-            exc = SerializationError(
-                f"the task raised {name}, which could not be unpickled in the parent ({err!r}); see the cause"
-            )
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc
 
 
 @attrs.define

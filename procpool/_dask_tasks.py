@@ -25,7 +25,8 @@ import distributed
 
 from procpool import Health, PoolStatistics
 from procpool._dask_link import ClusterLink
-from procpool._dask_slots import Counters, DaskTask, DaskWorker, SlotState, TaskFuture, decode_error
+from procpool._dask_slots import Counters, DaskTask, DaskWorker, SlotState, TaskFuture
+from procpool._messages import decode_error
 from procpool.errors import BrokenPool, SerializationError, TaskTimeout, WorkerCrashed, task_error
 
 __all__ = ("TaskBook",)

@@ -40,11 +40,16 @@ def _where() -> str:
 
 
 def encode_error(exc: BaseException) -> bytes:
-    """``(type name, traceback text, pickled exception or None)``, as the parent's decoder expects."""
-    tb = "".join(traceback.format_exception(exc))
+    """``(type name, traceback text, pickled exception or None)``: the payload that
+    ``procpool._messages.decode_error`` reads, pickled with cloudpickle; like the local workers'
+    encoder, it survives an exception whose ``__str__`` or ``__reduce__`` raises (SystemExit too)."""
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except BaseException as err:
+        tb = f"{type(exc).__qualname__} (its traceback could not be formatted: {type(err).__qualname__})"
     try:
         exc_bytes: bytes | None = cloudpickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
-    except Exception:
+    except BaseException:
         exc_bytes = None
     return pickle.dumps((type(exc).__qualname__, tb, exc_bytes), pickle.HIGHEST_PROTOCOL)
 
