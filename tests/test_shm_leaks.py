@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import data_tasks
@@ -153,6 +154,11 @@ def test_the_parents_death_or_exit_leaves_no_shared_memory(tmp_path, clean):
         assert parent.stdout is not None
         workers = json.loads(parent.stdout.readline())
         for pid in workers:
+            # Read from outside while the worker runs, /proc can lag a moment (seen once on 3.13):
+            # wait for the state, then pin it.
+            deadline = time.monotonic() + 10
+            while arenas(pid) != (1, 1) and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert arenas(pid) == (1, 1)
         if not clean:
             parent.send_signal(signal.SIGKILL)
