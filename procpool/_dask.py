@@ -12,10 +12,12 @@ lifecycle, public methods, health); TaskBook (``_dask_tasks``: queue, one task p
 outcomes, timeouts, cancels); ClusterLink (``_dask_link``: client, cluster, three workers pinned
 by address and followed through their nannies' restarts, kills, the scheduler's loss)::
 
-    apply/submit/execute/map -> TaskBook.pending -> ClusterLink.submit(run_call, workers=[address])
+    apply/submit/execute/map -> TaskBook.pending (the core's PendingQueue: by priority, FIFO within one)
+        -> ClusterLink.submit(run_call, workers=[address])
     a watcher per running task awaits its Dask future -> the caller's future
     KilledWorker, "remove-worker" event -> TaskBook.worker_lost -> WorkerCrashed
     timeout, cancel, shutdown -> TaskBook.stop -> ClusterLink.kill -> the nanny restarts the worker
+    a failure its retry= policy covers -> back-off -> front of its priority (or PoisonTask after N kills)
 
 Invariants:
     * A slot holds at most one task, and a task runs only on the worker it was sent to: a task
@@ -37,21 +39,15 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Sized
 from typing import Any
 
 from procpool import POOL_SIZE, PoolState, PoolStatistics, TaskReport, _dask_worker
+from procpool._config import check_seconds
 from procpool._dask_link import ClusterLink
-from procpool._dask_slots import (
-    DaskTask,
-    DaskWorker,
-    check_open,
-    check_seconds,
-    handler_path,
-    pickle_call,
-    pool_health,
-    prompt_call,
-    status_dict,
-)
+from procpool._dask_slots import DaskTask, DaskWorker, check_open, handler_path, pickle_call, pool_health, prompt_call
 from procpool._dask_tasks import TaskBook
 from procpool._messages import decode_error
+from procpool._pool import _check_retry as check_retry
 from procpool._progress import ProgressArg, make_progress
+from procpool._retry import RetryPolicy
+from procpool._stats import status_dict
 from procpool.errors import BrokenPool, PoolClosed, PoolFull, task_error
 
 __all__ = ("DaskPool",)
@@ -94,6 +90,9 @@ class DaskPool:
         max_pending: how many tasks may wait for a worker (default 100,000).
         start_timeout: seconds to start a local cluster, or to reach a remote scheduler and
             find three workers there (default 60).
+        retry: the default [`RetryPolicy`][procpool.RetryPolicy] of every call (default None:
+            a failed task is never run again); a call's own ``retry=`` replaces it. A worker
+            that died counts as a kill towards the quarantine, as locally.
 
     Attributes:
         pool_id: the pool's name.
@@ -111,6 +110,7 @@ class DaskPool:
         workers: Sequence[str] | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         start_timeout: float | None = DEFAULT_START_TIMEOUT,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if pool_id is not None and (not isinstance(pool_id, str) or not pool_id):
             raise TypeError(f"pool_id must be a non-empty string or None, got {pool_id!r}")
@@ -129,6 +129,7 @@ class DaskPool:
         self.start_timeout = check_seconds(start_timeout, "start_timeout")
         self.address = address
         self.max_pending = max_pending
+        self.retry = check_retry(retry)
         self._link = ClusterLink(
             self.pool_id,
             address,
@@ -253,6 +254,7 @@ class DaskPool:
             if self._starting is not None:
                 self._starting.cancel()
                 await asyncio.gather(self._starting, return_exceptions=True)
+            self._tasks.sending = False  # nothing more is sent, nor retried
             self._tasks.fail_all(PoolClosed(f"pool {self.pool_id!r} shut down before the task ran"), running=False)
             running = [w.task.future for w in self.workers if w.task is not None]
             if running and timeout > 0:
@@ -276,24 +278,21 @@ class DaskPool:
         await self.shutdown()
 
     # -- submitting work -------------------------------------------------------------------------
+    # Each call takes what WorkerPool's takes and means the same (see its docstrings); what differs
+    # is said here. ``priority`` and ``retry`` are the local pool's too: the core's pending queue
+    # orders the tasks and the core's retry rules decide what runs again (issue 15).
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, priority: int = 0, retry: RetryPolicy | None = None, **kwargs: Any
+    ) -> asyncio.Future[Any]:
         """Run ``fn(*args, **kwargs)`` on a Dask worker; return a future of its result.
 
-        Args:
-            fn: a function (plain or ``async def``); cloudpickle ships it, so it need not be
-                importable on the workers unless it lives in a module they import.
-            *args: its positional arguments.
-            **kwargs: its keyword arguments.
-
-        Raises:
-            TypeError: ``fn`` is not callable.
-            SerializationError: ``fn`` or an argument cannot be pickled (nothing is queued).
-            PoolFull: ``max_pending`` tasks are already waiting.
-            PoolClosed: the pool is shut down. BrokenPool: it lost its scheduler.
+        As [`WorkerPool.submit`][procpool.WorkerPool.submit], except that cloudpickle ships
+        ``fn``, so it need not be importable on the workers.
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        options = self._call_options(priority, retry)
         payload = pickle_call(fn, args, kwargs)
         self._check_open()
         if not self._tasks.has_room():
@@ -301,7 +300,7 @@ class DaskPool:
                 f"pool {self.pool_id!r} has {len(self._tasks.pending)} tasks waiting (max_pending); "
                 "await pool.apply() to wait for room instead"
             )
-        return self._submit(payload, self.task_timeout).future
+        return self._submit(payload, self.task_timeout, *options).future
 
     async def apply(
         self,
@@ -309,21 +308,14 @@ class DaskPool:
         args: Sequence[Any] = (),
         kwds: dict[str, Any] | None = None,
         timeout: float | None = None,
+        *,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> Any:
         """Run ``fn(*args, **kwds)`` on a Dask worker and return its result.
 
-        Args:
-            fn: a function (plain or ``async def``).
-            args: its positional arguments.
-            kwds: its keyword arguments.
-            timeout: run-time limit in seconds (default: the pool's ``task_timeout``).
-
-        Raises:
-            Exception: the task's own exception, with the remote traceback as ``__cause__``.
-            TaskTimeout: the task ran past its timeout; its worker was killed and restarted.
-            WorkerCrashed: the worker died while running it.
-            SerializationError: the call, its result or its exception could not cross.
-            PoolClosed: the pool is shut down. BrokenPool: it lost (or never reached) its scheduler.
+        As [`WorkerPool.apply`][procpool.WorkerPool.apply]: the same arguments and errors. A task
+        waits at most for the three tasks running when it was queued (nothing is prefetched).
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -332,43 +324,42 @@ class DaskPool:
         if kwds is not None and not isinstance(kwds, dict):
             raise TypeError(f"kwds must be a dict or None, not {type(kwds).__name__}")
         timeout = self._timeout_or_default(timeout)
+        options = self._call_options(priority, retry)
         payload = pickle_call(fn, tuple(args), kwds or {})
-        await self._wait_ready_for_work()
-        return await self._submit(payload, timeout).future
+        return await (await self._enqueue(payload, timeout, *options)).future
 
-    async def execute(self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+    async def execute(
+        self,
+        prompt: str,
+        context: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        *,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
+    ) -> Any:
         """Run the pool's handler on ``(prompt, context)`` on a Dask worker; return its result.
 
-        Args:
-            prompt: the string handed to the handler.
-            context: the dict handed to it with the prompt (default: empty).
-            timeout: run-time limit in seconds (default: the pool's ``task_timeout``).
-
-        Raises:
-            RuntimeError: the pool has no handler.
-            ImportError: the worker cannot import the handler (the message names the worker).
-            Exception: whatever [`apply`][] raises.
+        As [`WorkerPool.execute`][procpool.WorkerPool.execute]; a worker that cannot import the
+        handler fails the prompt with ImportError naming the worker.
         """
         payload, timeout = self._prompt_call(prompt, context, timeout)
-        await self._wait_ready_for_work()
-        return await self._submit(payload, timeout).future
+        return await (await self._enqueue(payload, timeout, *self._call_options(priority, retry))).future
 
     async def execute_detailed(
-        self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None
+        self,
+        prompt: str,
+        context: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        *,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> TaskReport:
         """Like ``execute``, but report the outcome instead of raising the task's error.
 
-        Args:
-            prompt: the string handed to the handler.
-            context: the dict handed to it with the prompt (default: empty).
-            timeout: run-time limit in seconds (default: the pool's ``task_timeout``).
-
-        Raises:
-            PoolClosed: the pool is shut down. BrokenPool: it lost its scheduler.
+        As [`WorkerPool.execute_detailed`][procpool.WorkerPool.execute_detailed].
         """
         payload, timeout = self._prompt_call(prompt, context, timeout)
-        await self._wait_ready_for_work()
-        task = self._submit(payload, timeout)
+        task = await self._enqueue(payload, timeout, *self._call_options(priority, retry))
         started = time.monotonic()
         try:
             value: Any = await task.future
@@ -380,7 +371,7 @@ class DaskPool:
         return TaskReport(
             task_id=task.id,
             pool_id=self.pool_id,
-            worker_id=task.slot.worker_id if task.slot is not None else None,
+            worker_id=task.worker_id,
             pid=task.pid,
             status="completed" if error is None else "failed",
             result=value,
@@ -395,29 +386,25 @@ class DaskPool:
         timeout: float | None = None,
         *,
         progress: ProgressArg = None,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> list[Any]:
-        """Run the handler on every prompt concurrently; results in input order.
+        """Run the handler on every prompt concurrently; results (or exceptions) in input order.
 
-        A prompt that fails leaves its exception in its place in the list; the others still run.
-
-        Args:
-            prompts: the prompts, each handed to the handler with ``context``.
-            context: the dict handed to the handler with every prompt (default: empty).
-            timeout: run-time limit of each prompt in seconds.
-            progress: ``True`` for a progress bar, or a callable ``callback(done, total)``.
+        As [`WorkerPool.execute_batch`][procpool.WorkerPool.execute_batch].
         """
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise TypeError(f"prompts must be a list of strings, not {type(prompts).__name__}")
         if not prompts:
             raise ValueError("prompts must not be empty")
         calls = [self._prompt_call(p, context, timeout) for p in prompts]
+        options = self._call_options(priority, retry)
         futures: list[asyncio.Future[Any]] = []
         finished: asyncio.Queue[asyncio.Future[Any]] = asyncio.Queue()
         with make_progress(progress, len(calls), f"{self.pool_id}: batch") as reporter:
             try:
                 for payload, task_timeout in calls:
-                    await self._wait_ready_for_work()
-                    future = self._submit(payload, task_timeout).future
+                    future = (await self._enqueue(payload, task_timeout, *options)).future
                     future.add_done_callback(finished.put_nowait)
                     futures.append(future)
                 for _ in futures:
@@ -437,25 +424,21 @@ class DaskPool:
         chunksize: int | None = None,
         timeout: float | None = None,
         progress: ProgressArg = None,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> AsyncIterator[Any]:
         """Yield ``fn(item)`` for every item, in input order, consuming the input lazily.
 
-        Items travel in chunks; without ``chunksize`` the chunks grow until each takes about
-        100 ms on a worker (a Dask round trip costs ten times a local one). The first item that
-        raises ends the iteration with its exception.
-
-        Args:
-            fn: a function of one argument (plain or ``async def``).
-            iterable: the items, read lazily.
-            chunksize: items per chunk (default: sized to about 100 ms of work).
-            timeout: run-time limit of each chunk.
-            progress: ``True`` for a progress bar, or a callable ``callback(done, total)``.
+        As [`WorkerPool.map`][procpool.WorkerPool.map], except that without ``chunksize`` the
+        chunks grow until each takes about 100 ms on a worker (a Dask round trip costs ten times
+        a local one).
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer or None, got {chunksize!r}")
         timeout = self._timeout_or_default(timeout)
+        options = self._call_options(priority, retry)
         total = len(iterable) if isinstance(iterable, Sized) else None
         reporter = make_progress(progress, total, f"{self.pool_id}: map")
         items = iter(iterable)
@@ -470,8 +453,7 @@ class DaskPool:
                         exhausted = True
                         break
                     payload = pickle_call(_dask_worker.run_chunk, (fn, chunk), {})
-                    await self._wait_ready_for_work()
-                    window.append((self._submit(payload, timeout), len(chunk)))
+                    window.append((await self._enqueue(payload, timeout, *options), len(chunk)))
                 if not window:
                     return
                 task, count = window.popleft()
@@ -488,6 +470,11 @@ class DaskPool:
             for task, _ in window:
                 task.future.cancel()
 
+    def _call_options(self, priority: Any, retry: Any) -> tuple[int, RetryPolicy | None]:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int (higher runs first), not {type(priority).__name__}")
+        return priority, self.retry if retry is None else check_retry(retry)
+
     def _timeout_or_default(self, timeout: Any) -> float | None:
         return self.task_timeout if timeout is None else check_seconds(timeout, "timeout")
 
@@ -497,16 +484,19 @@ class DaskPool:
     def _check_open(self) -> None:
         check_open(self.pool_id, self._state, self._loop, self._broken_cause)
 
-    async def _wait_ready_for_work(self) -> None:
-        """Start the pool if needed, then wait until the pending queue has room."""
+    async def _enqueue(
+        self, payload: bytes, timeout: float | None, priority: int, retry: RetryPolicy | None
+    ) -> DaskTask:
+        """Start the pool if needed, wait until the pending queue has room, then queue the task."""
         if self._state is PoolState.INITIAL:
             await self.initialize()
         self._check_open()
         await self._tasks.wait_for_room(self._check_open)
+        return self._submit(payload, timeout, priority, retry)
 
-    def _submit(self, payload: bytes, timeout: float | None) -> DaskTask:
+    def _submit(self, payload: bytes, timeout: float | None, priority: int, retry: RetryPolicy | None) -> DaskTask:
         self._check_open()
-        return self._tasks.submit(payload, timeout)
+        return self._tasks.submit(payload, timeout, priority, retry)
 
     def _break(self, cause: str) -> None:
         self._state = PoolState.BROKEN
@@ -587,8 +577,10 @@ class DaskPool:
 
     def get_status(self) -> dict[str, Any]:
         """A JSON-ready snapshot of the pool's state and statistics (``backend`` is ``"dask"``)."""
-        status = status_dict(self.statistics(), self.workers)
-        return {**status, "scheduler_address": self.scheduler_address, "handler": self._handler_path}
+        extra = {"backend": "dask", "running": self.running, "scheduler_address": self.scheduler_address}
+        return status_dict(
+            self.statistics(), [w.resources() for w in self.workers], handler=self._handler_path, **extra
+        )
 
     def __repr__(self) -> str:
         counts = self._tasks.counts

@@ -1,5 +1,7 @@
-"""The parts of a DaskPool that hold no behaviour: its slots, its tasks, its counters, and how
-calls and errors are pickled on the way to a Dask worker and back.
+"""The parts of a DaskPool that hold no behaviour: its slots, its tasks, and how calls and errors
+are pickled on the way to a Dask worker and back. Its counters, statistics and status dictionaries
+are the core's (``_stats``), and its task is the core's [`Task`][procpool._task.Task] with the
+Dask worker and future added, so the core's pending queue and retry rules take it.
 
 Each field of a [`DaskWorker`][procpool.dask.DaskWorker] has one writer: the cluster link
 (``_dask_link``) writes the worker's address, pid and state; the task book (``_dask_tasks``)
@@ -9,11 +11,8 @@ writes ``task`` and the task counters.
 from __future__ import annotations
 
 import asyncio
-import collections
-import math
 import pickle
 import pkgutil
-import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -21,29 +20,24 @@ import attrs
 import cloudpickle
 import distributed
 
-from procpool import POOL_SIZE, PoolState, PoolStatistics, WorkerStatistics, _dask_worker
+from procpool import POOL_SIZE, PoolState, WorkerStatistics, _dask_worker
+from procpool._stats import worker_dict
+from procpool._task import Task
 from procpool.errors import BrokenPool, PoolClosed, SerializationError
 
 __all__ = (
-    "Counters",
     "DaskTask",
     "DaskWorker",
     "SlotState",
-    "TaskFuture",
     "check_open",
-    "check_seconds",
     "handler_path",
-    "percentile",
     "pickle_call",
     "pool_health",
     "prompt_call",
-    "status_dict",
 )
 
 # Failures in a row that make a slot unhealthy (as a local worker).
 UNHEALTHY_AFTER_FAILURES = 3
-# Recent task durations kept for latency percentiles.
-LATENCY_WINDOW = 1000
 
 
 class SlotState:
@@ -98,26 +92,13 @@ class DaskWorker:
         """Has a worker, and fewer than three failures in a row."""
         return self.state == SlotState.READY and self.consecutive_failures < UNHEALTHY_AFTER_FAILURES
 
+    def resources(self) -> dict[str, Any]:
+        """What a slot's status adds to its statistics: where its worker is (a local worker adds psutil's figures)."""
+        return {"address": self.address, "nanny": self.nanny}
+
     def get_status(self) -> dict[str, Any]:
-        """A JSON-ready snapshot of this slot."""
-        finished = self.tasks_succeeded + self.tasks_failed
-        return {
-            "worker_id": self.worker_id,
-            "pid": self.pid,
-            "address": self.address,
-            "nanny": self.nanny,
-            "state": self.activity,
-            "healthy": self.is_healthy(),
-            "restarts": self.restarts,
-            "tasks_in_flight": int(self.task is not None),
-            "tasks_processed": self.tasks_processed,
-            "tasks_succeeded": self.tasks_succeeded,
-            "tasks_failed": self.tasks_failed,
-            "consecutive_failures": self.consecutive_failures,
-            "success_rate": self.tasks_succeeded / finished if finished else 1.0,
-            "average_processing_time": self.processing_time / finished if finished else None,
-            "last_activity": self.last_activity,
-        }
+        """A JSON-ready snapshot of this slot (the keys of a local worker's, with ``address`` and ``nanny``)."""
+        return worker_dict(self.statistics(), self.resources())
 
     def statistics(self) -> WorkerStatistics:
         """This slot now, as a frozen snapshot."""
@@ -141,41 +122,22 @@ class DaskWorker:
 
 
 @attrs.define(eq=False, repr=False)
-class DaskTask:
-    """One unit of work, from submission until its future is resolved."""
+class DaskTask(Task):
+    """One unit of work: the core's [`Task`][procpool._task.Task] (priority, retry policy, attempts,
+    state: PENDING in the queue, SENT to a Dask worker, DONE), plus where it runs on the cluster.
 
-    id: int
-    payload: bytes
-    future: asyncio.Future[Any]
-    timeout: float | None
-    # "pending" (in the pool's queue), "running" (held by a slot) or "done".
-    state: str = "pending"
-    slot: DaskWorker | None = None
-    # The pid of the worker it was sent to.
-    pid: int | None = None
+    ``slot`` is the index of the slot it was sent to; ``worker`` is that slot.
+    """
+
+    worker: DaskWorker | None = None
+    # The Dask future of the run under way; None once settled (the cluster may then forget it).
     dask_future: distributed.Future[Any] | None = None
     # The coroutine awaiting dask_future; cancelled when the pool settles the task itself.
     watcher: asyncio.Task[None] | None = None
-    timer: asyncio.TimerHandle | None = None
     started: float = 0.0
-    duration: float | None = None
 
     def __repr__(self) -> str:
-        return f"<DaskTask {self.id} {self.state}>"
-
-
-class TaskFuture(asyncio.Future[Any]):
-    """A task's future that tells the pool of a cancellation at once, inside ``cancel()``."""
-
-    on_cancel: Callable[[], None] | None = None
-
-    def cancel(self, msg: Any = None) -> bool:
-        if self.done():
-            return False
-        hook, self.on_cancel = self.on_cancel, None
-        if hook is not None:
-            hook()
-        return super().cancel(msg)
+        return f"<DaskTask {self.id} {self.state.value} priority={self.priority}>"
 
 
 def check_open(pool_id: str, state: PoolState, loop: asyncio.AbstractEventLoop | None, broken: str | None) -> None:
@@ -191,16 +153,6 @@ def check_open(pool_id: str, state: PoolState, loop: asyncio.AbstractEventLoop |
     if state is PoolState.BROKEN:
         raise BrokenPool(broken)
     raise PoolClosed(f"pool {pool_id!r} is shut down")
-
-
-def check_seconds(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return float(value)
 
 
 def handler_path(handler: Any) -> str | None:
@@ -255,30 +207,6 @@ def prompt_call(pool_id: str, handler: str | None, prompt: Any, context: Any) ->
     return pickle_call(_dask_worker.run_handler, (handler, prompt, context or {}), {})
 
 
-@attrs.define
-class Counters:
-    """A pool's running totals; only the task book writes them."""
-
-    tasks_submitted: int = 0
-    tasks_completed: int = 0
-    tasks_failed: int = 0
-    tasks_cancelled: int = 0
-    tasks_timed_out: int = 0
-    tasks_crashed: int = 0
-    workers_restarted: int = 0
-    # Recent task durations in seconds, newest last.
-    latencies: collections.deque[float] = attrs.Factory(lambda: collections.deque(maxlen=LATENCY_WINDOW))
-
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """The ``pct`` percentile of already sorted values (None for none)."""
-    if not sorted_values:
-        return None
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    return statistics.quantiles(sorted_values, n=100, method="inclusive")[int(pct) - 1]
-
-
 def pool_health(state: PoolState, broken_cause: str | None, workers: list[DaskWorker]) -> tuple[str, str | None, int]:
     """``(health, reason, healthy workers)``, as a local pool reports them."""
     healthy = sum(w.is_healthy() for w in workers)
@@ -296,33 +224,3 @@ def pool_health(state: PoolState, broken_cause: str | None, workers: list[DaskWo
         if not w.is_healthy()
     ]
     return "degraded", "; ".join(sick), healthy
-
-
-def status_dict(stats: PoolStatistics, workers: list[DaskWorker]) -> dict[str, Any]:
-    """The seed API's JSON-ready pool status, built from a snapshot (as a local pool's)."""
-    return {
-        "pool_id": stats.pool_id,
-        "backend": "dask",
-        "state": stats.state,
-        "running": stats.state == PoolState.RUNNING.value,
-        "health": stats.health.value,
-        "health_reason": stats.health_reason,
-        "workers_count": POOL_SIZE,
-        "workers_healthy": stats.workers_healthy,
-        "queue_size": stats.queue_size,
-        "tasks_in_flight": stats.tasks_in_flight,
-        "tasks_submitted": stats.tasks_submitted,
-        "tasks_completed": stats.tasks_completed,
-        "tasks_failed": stats.tasks_failed,
-        "tasks_cancelled": stats.tasks_cancelled,
-        "tasks_timed_out": stats.tasks_timed_out,
-        "tasks_crashed": stats.tasks_crashed,
-        "workers_restarted": stats.workers_restarted,
-        "success_rate": stats.success_rate,
-        "latency_p50": stats.latency_p50,
-        "latency_p95": stats.latency_p95,
-        "latency_p99": stats.latency_p99,
-        "created_at": stats.created_at,
-        "started_at": stats.started_at,
-        "workers": [w.get_status() for w in workers],
-    }

@@ -1,11 +1,17 @@
-"""A DaskPool's task book: the pending queue, one task per ready slot, outcomes, timeouts, cancels.
+"""A DaskPool's task book: the pending queue, one task per ready slot, outcomes, retries, timeouts, cancels.
 
 It registers tasks, sends each to a ready slot through the cluster link, watches its Dask
 future and resolves the caller's future once. It never touches a worker process: to stop work
 that runs (a timeout, a cancel, a shutdown) it asks the link to kill the worker.
 
-Invariant: every task is in exactly one place: ``pending``, one slot's ``task``, or done (its
-future resolved once).
+Scheduling is the local pool's (issue 15), built from the same parts: the pending queue is the
+core's [`PendingQueue`][procpool._dispatch.PendingQueue] (highest priority first, FIFO within
+one), and a failed task is retried or quarantined by the core's rules (``_retry.next_step``).
+A slot holds one task and nothing is prefetched, so a high-priority task waits at most for the
+three tasks running when it was queued.
+
+Invariant: every task is in exactly one place: ``pending``, ``delayed`` (waiting out a retry's
+back-off), one slot's ``task``, or done (its future resolved once).
 """
 
 from __future__ import annotations
@@ -19,15 +25,19 @@ import pickle
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import distributed
 
-from procpool import Health, PoolStatistics
+from procpool import Health, PoolStatistics, _retry
 from procpool._dask_link import ClusterLink
-from procpool._dask_slots import Counters, DaskTask, DaskWorker, SlotState, TaskFuture
+from procpool._dask_slots import DaskTask, DaskWorker, SlotState
+from procpool._dispatch import QUARANTINE_SIZE, PendingQueue
 from procpool._messages import decode_error
-from procpool.errors import BrokenPool, SerializationError, TaskTimeout, WorkerCrashed, task_error
+from procpool._retry import RetryPolicy
+from procpool._stats import LATENCY_WINDOW, Counters, PriorityStatistics, percentile
+from procpool._task import TaskFuture, TaskState
+from procpool.errors import BrokenPool, PoisonTask, SerializationError, TaskTimeout, WorkerCrashed, task_error
 
 __all__ = ("TaskBook",)
 
@@ -45,7 +55,15 @@ class TaskBook:
         self.max_pending = max_pending
         self.on_scheduler_lost = on_scheduler_lost
         self.counts = Counters()
-        self.pending: collections.deque[DaskTask] = collections.deque()
+        # Tasks waiting for a slot (DaskTasks), highest priority first, oldest first within one.
+        self.pending = PendingQueue()
+        # Failed tasks waiting out their retry's back-off (their timer is task.timer).
+        self.delayed: set[DaskTask] = set()
+        # Recent waits (submission to a worker, seconds) per priority, for statistics.
+        self.waits: dict[int, collections.deque[float]] = {}
+        # Recent poison tasks (newest last), and the digests of their calls: refused at once.
+        self.quarantined: collections.deque[PoisonTask] = collections.deque(maxlen=QUARANTINE_SIZE)
+        self._poison: dict[bytes, PoisonTask] = {}
         # Whether tasks may be sent to workers now (the pool is RUNNING).
         self.sending = False
         # Callers waiting for room in the pending queue, oldest first.
@@ -83,11 +101,21 @@ class TaskBook:
             workers_restarted=sum(w.restarts for w in workers),
             workers_recycled=0,  # a Dask worker is never recycled
             workers_stuck=0,  # nor judged stuck: a timeout is the only limit
+            tasks_retried=counts.tasks_retried,
+            tasks_quarantined=counts.tasks_quarantined,
+            priorities=self._priority_statistics(),
+            poison_tasks=tuple(self.quarantined),
             recent_durations=tuple(counts.latencies),
             created_at=self.created_at,
             started_at=self.started_at,
             workers=tuple(w.statistics() for w in workers),
         )
+
+    def _priority_statistics(self) -> tuple[PriorityStatistics, ...]:
+        queued = self.pending.counts()
+        levels = sorted({*queued, *self.waits}, reverse=True)
+        waits = {p: sorted(self.waits.get(p, ())) for p in levels}
+        return tuple(PriorityStatistics(p, queued.get(p, 0), len(waits[p]), percentile(waits[p], 50)) for p in levels)
 
     async def wait_change(self) -> None:
         """Wait until a task ends, a worker is lost or comes back, or the pool breaks."""
@@ -129,12 +157,16 @@ class TaskBook:
                 if count is not None:
                     count -= 1
 
-    def submit(self, payload: bytes, timeout: float | None) -> DaskTask:
-        """Queue a task and send it at once if a slot is free."""
+    def submit(self, payload: bytes, timeout: float | None, priority: int, retry: RetryPolicy | None) -> DaskTask:
+        """Queue a task and send it at once if a slot is free (a quarantined call fails at once)."""
         future = TaskFuture(loop=asyncio.get_running_loop())
-        task = DaskTask(next(self._ids), payload, future, timeout)
+        task = DaskTask(next(self._ids), payload, future, timeout, time.monotonic(), priority=priority, retry=retry)
         future.on_cancel = lambda: self._on_cancel(task)
         self.counts.tasks_submitted += 1
+        poison = self._poison.get(_retry.payload_digest(payload)) if retry is not None and self._poison else None
+        if poison is not None:
+            self.resolve(task, False, poison)  # quarantined: the same call is not run again
+            return task
         self.pending.append(task)
         self.dispatch()
         return task
@@ -148,19 +180,23 @@ class TaskBook:
             if not self.pending:
                 break
             if slot.state == SlotState.READY and slot.task is None and slot.address is not None:
-                self._send(slot, self.pending.popleft())
+                self._send(slot, cast(DaskTask, self.pending.popleft()))
         self.on_room(self.max_pending - len(self.pending))
 
     def _send(self, slot: DaskWorker, task: DaskTask) -> None:
-        task.state = "running"
-        task.slot = slot
-        task.pid = slot.pid
+        waits = self.waits.get(task.priority)
+        if waits is None:
+            waits = self.waits[task.priority] = collections.deque(maxlen=LATENCY_WINDOW)
         task.started = time.monotonic()
+        waits.append(task.started - task.submitted_at)
+        task.state = TaskState.SENT
+        task.worker, task.slot, task.worker_id, task.pid = slot, self.link.workers.index(slot), slot.worker_id, slot.pid
         slot.task = task
-        # A key of our own: two pools, or two runs of one pool, never share a Dask result.
+        # A key of our own: two pools, two runs of one pool, or two attempts never share a Dask result.
         key = f"procpool-{self.pool_id}-{task.id}-{uuid.uuid4().hex[:8]}"
         task.dask_future = self.link.submit(slot, task.payload, key)
-        task.payload = b""
+        if task.retry is None:
+            task.payload = b""  # kept only to send it again
         loop = asyncio.get_running_loop()
         if task.timeout is not None:
             task.timer = loop.call_later(task.timeout, self._on_timeout, task)
@@ -170,30 +206,31 @@ class TaskBook:
 
     async def _watch(self, task: DaskTask) -> None:
         """Wait for a running task's Dask future and resolve the caller's future from it."""
-        assert task.dask_future is not None
+        dask_future = task.dask_future
+        assert dask_future is not None
         try:
-            ok, data = await task.dask_future
+            ok, data = await dask_future
         except distributed.client.FutureCancelledError as exc:
-            if task.state == "done":
-                return  # we let it go: timed out, cancelled by its caller, or shut down
+            if task.dask_future is not dask_future:
+                return  # we let it go: timed out, cancelled by its caller, shut down or retried
             if exc.reason == "scheduler-connection-lost":
                 self.on_scheduler_lost("the connection closed under a running task (scheduler-connection-lost)")
             else:
                 self._failed(task, BrokenPool(f"dask cancelled the task ({exc.reason}): {exc.msg or ''}"))
             return
         except distributed.scheduler.KilledWorker as exc:
-            self.worker_lost(task.slot, str(exc), task)
+            self.worker_lost(task.worker, str(exc), task)
             return
         except (OSError, distributed.comm.core.CommClosedError) as exc:
             # The result could not be fetched: the worker or the scheduler went away.
-            self.worker_lost(task.slot, f"the result could not be fetched: {type(exc).__name__}: {exc}", task)
+            self.worker_lost(task.worker, f"the result could not be fetched: {type(exc).__name__}: {exc}", task)
             return
         except Exception as exc:  # a Dask-side failure: the worker could not run run_call at all
             self._failed(task, exc)
             return
-        if task.state == "done":
+        if task.dask_future is not dask_future:
             return
-        slot = task.slot
+        slot = task.worker
         assert slot is not None
         task.duration = time.monotonic() - task.started
         if ok:
@@ -212,9 +249,9 @@ class TaskBook:
             self._finish(task, False, decode_error(data))
 
     def _finish(self, task: DaskTask, ok: bool, value: Any) -> None:
-        """A task ended on its worker: free the slot, resolve, send the next task."""
-        task.dask_future = None  # the cluster may forget the result now
-        slot = task.slot
+        """A task ended on its worker: free the slot, resolve (or retry), send the next task."""
+        slot = task.worker
+        self._forget(task)
         if slot is not None and slot.task is task:
             slot.task = None
             slot.tasks_processed += 1
@@ -222,18 +259,59 @@ class TaskBook:
             if task.duration is not None:
                 slot.processing_time += task.duration
                 self.counts.latencies.append(task.duration)
-        self.resolve(task, ok, value)
+        if ok:
+            self.resolve(task, True, value)
+        else:
+            self.fail(task, value)
         self.dispatch()
 
     def _failed(self, task: DaskTask, error: BaseException) -> None:
-        if task.slot is not None:
-            task.slot.tasks_failed += 1
-            task.slot.consecutive_failures += 1
+        if task.worker is not None:
+            task.worker.tasks_failed += 1
+            task.worker.consecutive_failures += 1
         self._finish(task, False, error)
+
+    def fail(self, task: DaskTask, error: BaseException) -> None:
+        """A task failed: run it again if its retry policy says so, else resolve it with the error.
+
+        The same decision as a local pool's (``_retry.next_step``); the caller detached the task
+        from its worker first.
+        """
+        policy = task.retry
+        if policy is None or task.future.done() or not self.sending:
+            self.resolve(task, False, error)
+            return
+        if task.attempts is None:
+            task.attempts = []
+        what = f"task {task.id} of pool {self.pool_id!r}"
+        step = _retry.next_step(policy, task.attempts, task.pid, None, task_error(error), what)
+        if isinstance(step, float):
+            self.counts.tasks_retried += 1
+            log.warning("%s failed (%s: %s); retrying in %.3g s", what, type(error).__name__, error, step)
+            task.state = TaskState.PENDING
+            self.delayed.add(task)
+            task.timer = asyncio.get_running_loop().call_later(step, self._retry_now, task)
+            return
+        if isinstance(step, PoisonTask):
+            self.counts.tasks_quarantined += 1
+            self.quarantined.append(step)
+            self._poison[_retry.payload_digest(task.payload)] = step
+            while len(self._poison) > QUARANTINE_SIZE:
+                del self._poison[next(iter(self._poison))]
+            log.error("%s", step)
+        self.resolve(task, False, step)
+
+    def _retry_now(self, task: DaskTask) -> None:
+        """A retry's back-off ended: the task goes back to the front of its priority."""
+        task.timer = None
+        if task in self.delayed:
+            self.delayed.discard(task)
+            self.pending.extendleft([task])
+            self.dispatch()
 
     def resolve(self, task: DaskTask, ok: bool, value: Any) -> None:
         """Resolve a task's future once, and count the outcome."""
-        task.state = "done"
+        task.state = TaskState.DONE
         if task.timer is not None:
             task.timer.cancel()
             task.timer = None
@@ -248,10 +326,13 @@ class TaskBook:
             future.set_exception(task_error(value))
 
     def _forget(self, task: DaskTask) -> None:
-        """Settle a running task here: stop watching it and let Dask forget it."""
-        task.state = "done"
+        """Detach a task from its run: stop its clock and its watcher, and let Dask forget the run."""
+        if task.timer is not None:
+            task.timer.cancel()
+            task.timer = None
         if task.watcher is not None and task.watcher is not asyncio.current_task():
             task.watcher.cancel()
+        task.watcher = None
         if task.dask_future is not None:
             with contextlib.suppress(Exception):
                 task.dask_future.release()  # type: ignore[no-untyped-call]
@@ -259,8 +340,8 @@ class TaskBook:
 
     def _on_timeout(self, task: DaskTask) -> None:
         task.timer = None
-        slot = task.slot
-        if task.state != "running" or slot is None or slot.task is not task:
+        slot = task.worker
+        if task.state is not TaskState.SENT or slot is None or slot.task is not task:
             return
         self.counts.tasks_timed_out += 1
         log.warning(
@@ -275,30 +356,32 @@ class TaskBook:
     def _on_cancel(self, task: DaskTask) -> None:
         """A caller cancels a task's future: drop it if it has not started, else kill its worker."""
         self.counts.tasks_cancelled += 1
-        if task.state == "pending":
+        if task.state is TaskState.PENDING:
             with contextlib.suppress(ValueError):
                 self.pending.remove(task)
-            task.state = "done"
-            self.on_room(1)
-        elif task.state == "running" and task.slot is not None and task.slot.task is task:
-            task.state = "done"
-            if task.timer is not None:
+            if task.timer is not None:  # waiting out a retry's back-off
                 task.timer.cancel()
-            self.stop(task.slot, None, "its task was cancelled")
+                task.timer = None
+            self.delayed.discard(task)
+            task.state = TaskState.DONE
+            self.on_room(1)
+        elif task.state is TaskState.SENT and task.worker is not None and task.worker.task is task:
+            task.state = TaskState.DONE
+            self.stop(task.worker, None, "its task was cancelled")
 
     def stop(self, slot: DaskWorker, error: BaseException | None, why: str) -> None:
-        """Fail (or drop) the slot's task and kill its worker, so the work really stops."""
+        """Fail (retry, or drop) the slot's task and kill its worker, so the work really stops."""
         task = slot.task
         slot.task = None
         if task is not None:
-            if error is not None:
-                self.resolve(task, False, error)
             self._forget(task)
+            if error is not None:
+                self.fail(task, error)
         self.link.kill(slot, why)
         self.dispatch()
 
     def worker_lost(self, slot: DaskWorker | None, evidence: str, task: DaskTask | None = None) -> None:
-        """The slot's worker died (or left the cluster): its task fails with WorkerCrashed.
+        """The slot's worker died (or left the cluster): its task fails with WorkerCrashed (or is retried).
 
         With ``task``, only if that task is still the slot's (the news may come late).
         """
@@ -309,25 +392,26 @@ class TaskBook:
         log.warning("dask worker %s (%s, pid %s) died: %s", address, slot.worker_id, pid, evidence)
         self.link.retire(slot)
         slot.task = None
-        if task is not None and task.state != "done":
+        if task is not None and task.state is not TaskState.DONE:
             self.counts.tasks_crashed += 1
             slot.tasks_failed += 1
             slot.consecutive_failures += 1
-            error = WorkerCrashed(pid, None, f"dask worker {address} ({slot.worker_id}) was lost: {evidence}")
-            self.resolve(task, False, error)
             self._forget(task)
+            self.fail(task, WorkerCrashed(pid, None, f"dask worker {address} ({slot.worker_id}) was lost: {evidence}"))
         self.dispatch()
 
     def fail_all(self, error: BaseException, *, running: bool = True) -> None:
-        """Fail every queued task (and every running one, with ``running``) with ``error``."""
+        """Fail every queued or delayed task (and every running one, with ``running``) with ``error``."""
         if running:
             for slot in self.link.workers:
-                if slot.task is not None:
-                    self.resolve(slot.task, False, error)
-                    self._forget(slot.task)
-                    slot.task = None
-        while self.pending:
-            self.resolve(self.pending.popleft(), False, error)
+                held, slot.task = slot.task, None
+                if held is not None:
+                    self._forget(held)
+                    self.resolve(held, False, error)
+        for task in self.pending.take(len(self.pending)):
+            self.resolve(cast(DaskTask, task), False, error)
+        while self.delayed:
+            self.resolve(self.delayed.pop(), False, error)
         self.on_room()
         self._changed()
 

@@ -4,7 +4,10 @@
 [`DaskPool`][procpool.dask.DaskPool] (three workers of a Dask cluster) both implement
 `PoolLike`; code written against it takes either. The protocol is
 written from WorkerPool's public surface and holds nothing a remote pool could not provide
-(no pipes, no psutil figures, no process objects).
+(no pipes, no psutil figures, no process objects). Every submission entry point takes
+``priority=`` (higher first, FIFO within a priority) and ``retry=`` (a
+[`RetryPolicy`][procpool.RetryPolicy], or None for the pool's default), as issue 15 asks, so a
+manager may pass them to any pool and a type checker refuses a pool kind that lacks them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from procpool import PoolState, PoolStatistics, TaskReport
+    from procpool._retry import RetryPolicy
 
 __all__ = ("PoolLike", "WorkerLike")
 
@@ -113,7 +117,9 @@ class PoolLike(Protocol):
 
     async def __aexit__(self, *exc_info: object) -> None: ...
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, priority: int = 0, retry: RetryPolicy | None = None, **kwargs: Any
+    ) -> asyncio.Future[Any]:
         """Run ``fn(*args, **kwargs)`` in a worker; return a future of its result."""
         ...
 
@@ -123,6 +129,9 @@ class PoolLike(Protocol):
         args: Sequence[Any] = (),
         kwds: dict[str, Any] | None = None,
         timeout: float | None = None,
+        *,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> Any:
         """Run ``fn(*args, **kwds)`` in a worker and return its result."""
         ...
@@ -135,16 +144,32 @@ class PoolLike(Protocol):
         chunksize: int | None = None,
         timeout: float | None = None,
         progress: Any = None,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> AsyncIterator[Any]:
         """Yield ``fn(item)`` for every item, in input order."""
         ...
 
-    async def execute(self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+    async def execute(
+        self,
+        prompt: str,
+        context: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        *,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
+    ) -> Any:
         """Run the pool's handler on ``(prompt, context)``; return what it returns."""
         ...
 
     async def execute_detailed(
-        self, prompt: str, context: dict[str, Any] | None = None, timeout: float | None = None
+        self,
+        prompt: str,
+        context: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        *,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> TaskReport:
         """Like ``execute``, but report the outcome instead of raising the task's error."""
         ...
@@ -156,6 +181,8 @@ class PoolLike(Protocol):
         timeout: float | None = None,
         *,
         progress: Any = None,
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> list[Any]:
         """Run the handler on every prompt concurrently; results (or exceptions) in input order."""
         ...

@@ -48,16 +48,6 @@ def check_requires(requires: Any) -> frozenset[str]:
     return frozenset(requires)
 
 
-def _call_options(priority: int, retry: RetryPolicy | None) -> dict[str, Any]:
-    """The pool call's scheduling keywords, only when set (a pool type without them still works)."""
-    options: dict[str, Any] = {}
-    if priority:
-        options["priority"] = priority
-    if retry is not None:
-        options["retry"] = retry
-    return options
-
-
 class Routing:
     """The routing entry points of a [`PoolManager`][procpool.PoolManager]."""
 
@@ -221,7 +211,7 @@ class Routing:
             PoolNotFound: no such pool.
             Exception: otherwise whatever [`WorkerPool.execute`][procpool.WorkerPool.execute] raises.
         """
-        return await self.get_pool(pool_id).execute(prompt, context, timeout, **_call_options(priority, retry))
+        return await self.get_pool(pool_id).execute(prompt, context, timeout, priority=priority, retry=retry)
 
     async def route_task(
         self,
@@ -265,7 +255,7 @@ class Routing:
             Exception: otherwise whatever [`WorkerPool.execute`][procpool.WorkerPool.execute] raises.
         """
         pool = self._choose(selector, needs_handler=True, handler=handler, requires=requires)
-        return pool.pool_id, await pool.execute(prompt, context, timeout, **_call_options(priority, retry))
+        return pool.pool_id, await pool.execute(prompt, context, timeout, priority=priority, retry=retry)
 
     async def route_apply(
         self,
@@ -301,7 +291,7 @@ class Routing:
             Exception: otherwise whatever [`WorkerPool.apply`][procpool.WorkerPool.apply] raises.
         """
         pool = self._choose(selector, needs_handler=False, requires=requires)
-        return pool.pool_id, await pool.apply(fn, args, kwds, timeout, **_call_options(priority, retry))
+        return pool.pool_id, await pool.apply(fn, args, kwds, timeout, priority=priority, retry=retry)
 
     def submit(
         self,
@@ -340,7 +330,7 @@ class Routing:
             Exception: otherwise whatever [`WorkerPool.submit`][procpool.WorkerPool.submit] raises.
         """
         pool = self._choose(selector, needs_handler=False, requires=requires)
-        return pool.pool_id, pool.submit(fn, *args, **_call_options(priority, retry), **kwargs)
+        return pool.pool_id, pool.submit(fn, *args, priority=priority, retry=retry, **kwargs)
 
     async def run_graph(
         self,
@@ -369,7 +359,6 @@ class Routing:
 
         async def run(node: _graph.Node, args: tuple[Any, ...], kwds: dict[str, Any]) -> Any:
             pool = self._choose(selector, needs_handler=False, requires=node.requires)
-            options = _call_options(node.priority, node.retry)
-            return await pool.apply(node.fn, args, kwds, node.timeout, **options)
+            return await pool.apply(node.fn, args, kwds, node.timeout, priority=node.priority, retry=node.retry)
 
         return await _graph.run_graph(graph, run, return_exceptions)

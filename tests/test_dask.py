@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import sched_tasks as st
 import tasks
 from helpers import assert_gone, wait_until
 
-from procpool import POOL_SIZE, BrokenPool, PoolState, WorkerCrashed
+from procpool import POOL_SIZE, BrokenPool, PoisonTask, PoolState, RetryPolicy, WorkerCrashed
 
 distributed = pytest.importorskip("distributed")
 from procpool.dask import DaskPool  # noqa: E402
@@ -257,3 +259,62 @@ async def test_losing_the_scheduler_fails_every_caller_with_broken_pool(tmp_path
                 await pool.apply(tasks.square, (2,))
         finally:
             await asyncio.wait_for(pool.shutdown(timeout=0), 30)
+
+
+@pytest.mark.timeout(180)
+async def test_a_higher_priority_task_queued_after_lower_ones_runs_first(tmp_path):
+    """With all three Dask workers busy, queued tasks start highest priority first, FIFO within a priority."""
+    async with DaskPool("dask-priorities") as pool:
+        lock_a, lock_b, log = tmp_path / "a", tmp_path / "b", str(tmp_path / "log")
+        with open(lock_a, "w") as a, open(lock_b, "w") as b:
+            fcntl.flock(a, fcntl.LOCK_EX)
+            fcntl.flock(b, fcntl.LOCK_EX)
+            # One gate per worker; only the gate on lock b opens, so one worker runs everything
+            # queued, one task at a time, in the order the pool hands them out.
+            gates = [pool.submit(st.gate, str(lock_a)), pool.submit(st.gate, str(lock_a))]
+            gates.append(pool.submit(st.gate, str(lock_b)))
+            assert all(w.get_status()["tasks_in_flight"] == 1 for w in pool.workers)
+            specs = [(0, "l0"), (0, "l1"), (5, "m0"), (0, "l2"), (10, "h0"), (-1, "n0"), (5, "m1")]
+            futures = [pool.submit(st.record, log, name, priority=p) for p, name in specs]
+            assert pool.statistics().queue_size == len(specs)
+            fcntl.flock(b, fcntl.LOCK_UN)
+            await asyncio.wait_for(asyncio.gather(*futures), 120)
+            fcntl.flock(a, fcntl.LOCK_UN)
+            await asyncio.wait_for(asyncio.gather(*gates), 120)
+        started = [line.split()[1] for line in st.lines(log)]
+        assert started == ["h0", "m0", "m1", "l0", "l1", "l2", "n0"]
+        assert len({line.split()[0] for line in st.lines(log)}) == 1
+        assert [(p.priority, p.queued) for p in pool.statistics().priorities] == [(10, 0), (5, 0), (0, 0), (-1, 0)]
+
+
+@pytest.mark.timeout(240)
+async def test_a_task_that_kills_its_dask_worker_is_retried_then_quarantined(tmp_path):
+    """Under retry= a task whose Dask worker died runs again; one that kills N workers fails with PoisonTask."""
+    async with DaskPool("dask-retry", retry=RetryPolicy(attempts=3, backoff=0.05)) as pool:
+        # The pool's default policy: the first run kills its worker, the second completes.
+        once = str(tmp_path / "once")
+        assert await asyncio.wait_for(pool.apply(st.crash_until, (once, 2)), 120) == 2
+        assert len({line.split()[0] for line in st.lines(once)}) == 2  # two runs, two workers
+        assert pool.statistics().tasks_retried == 1
+        # The task's own exception is not retried by that policy (it retries crashes only).
+        own = str(tmp_path / "own")
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(pool.apply(st.raise_value_error, (own,)), 120)
+        assert len(st.lines(own)) == 1
+
+        # A call's own policy: quarantined after killing two workers, with each attempt's evidence.
+        poison = str(tmp_path / "poison")
+        policy = RetryPolicy(attempts=5, backoff=0.05, quarantine_after=2)
+        with pytest.raises(PoisonTask) as caught:
+            await asyncio.wait_for(pool.apply(st.crash_until, (poison, 99), retry=policy), 120)
+        pids = [int(line.split()[0]) for line in st.lines(poison)]
+        assert [a.pid for a in caught.value.attempts] == pids and len(set(pids)) == 2
+        assert all(a.killed_worker and "was lost" in a.error for a in caught.value.attempts)
+        status = pool.get_status()
+        assert status["tasks_quarantined"] == 1
+        assert [a["pid"] for a in status["poison_tasks"][0]["attempts"]] == pids
+        # The same call is refused at once: it never reaches a worker again.
+        with pytest.raises(PoisonTask):
+            await pool.apply(st.crash_until, (poison, 99), retry=policy)
+        assert len(st.lines(poison)) == 2
+        await _healthy(pool)

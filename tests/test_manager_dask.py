@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import sched_tasks as st
 import tasks
 from helpers import assert_gone, dask_cluster, wait_until
 
-from procpool import POOL_SIZE, NoPoolAvailable, PoolLike, PoolManager, PoolState, WorkerPool
+from procpool import POOL_SIZE, NoPoolAvailable, PoolLike, PoolManager, PoolState, RetryPolicy, TaskGraph, WorkerPool
 
 pytest.importorskip("distributed")
 from procpool.dask import DaskPool
@@ -113,3 +114,34 @@ async def test_create_pool_checks_the_backend_before_starting_anything() -> None
         with pytest.raises(ValueError, match=r"address=.* is for backend='dask'"):
             await manager.create_pool("x", address="tcp://127.0.0.1:8786")
         assert await manager.list_pools() == []
+
+
+@pytest.mark.timeout(180)
+async def test_the_manager_routes_priority_and_retry_to_a_dask_pool(tmp_path: Path) -> None:
+    """Every routing entry point passes priority= and retry= to a Dask pool, which orders and retries by them."""
+    manager = PoolManager()
+    seen: set[int] = set()
+    try:
+        pool = await manager.create_pool("remote", backend="dask", handler="procpool.handlers:echo")
+        seen = _pids(pool)
+        policy = RetryPolicy(attempts=3, backoff=0.05)
+        log = str(tmp_path / "log")
+        # The first run kills its Dask worker; the retry completes.
+        assert await manager.route_apply(st.crash_until, (log, 2), priority=7, retry=policy) == ("remote", 2)
+        assert len(st.lines(log)) == 2 and pool.statistics().tasks_retried == 1
+        seen |= _pids(pool)
+        pool_id, future = manager.submit(st.add, 2, 3, priority=-1, retry=policy)
+        assert (pool_id, await future) == ("remote", 5)
+        routed = await manager.route_task("hi", priority=3, retry=policy)
+        assert routed[0] == "remote" and routed[1]["prompt"] == "hi"
+        assert (await manager.execute_on_pool("remote", "ho", priority=3, retry=policy))["prompt"] == "ho"
+        graph = TaskGraph()
+        first = graph.add("a", st.add, (1, 2), priority=9, retry=policy)
+        graph.add("b", st.add, (first, 4), priority=9)
+        assert (await manager.run_graph(graph))["b"] == 7
+        assert [p.priority for p in pool.statistics().priorities] == [9, 7, 3, -1]
+    finally:
+        for entry in await manager.list_pools():
+            seen |= {w["pid"] for w in entry["workers"] if w["pid"] is not None}
+        await manager.stop(timeout=5)
+    assert_gone(sorted(seen))
