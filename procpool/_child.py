@@ -288,6 +288,11 @@ def _watch_parent(lifeline: Any) -> None:
         os.killpg(0, signal.SIGKILL)
 
 
+def received_fd(dup: Any) -> int:
+    """A descriptor the parent passed among the start arguments (``_processes.PassFd``)."""
+    return int(dup.detach())
+
+
 def main(
     call_conn: Any,
     result_conn: Any,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import multiprocessing.connection
 import multiprocessing.forkserver
 import multiprocessing.reduction
+import multiprocessing.spawn
 import os
 import select
 import signal
@@ -107,17 +109,14 @@ def anonymous_file() -> int | None:
 
 class PassFd:
     """An open file descriptor among a worker's Process arguments; the child receives an int
-    naming the same open file (multiprocessing passes it like a Pipe's descriptors)."""
+    naming the same open file (multiprocessing passes it like a Pipe's descriptors). The child
+    rebuilds it with ``procpool._child.received_fd``, so it never imports this module."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_received_fd, (multiprocessing.reduction.DupFd(self.fd),))
-
-
-def _received_fd(dup: Any) -> int:
-    return int(dup.detach())
+        return (_child.received_fd, (multiprocessing.reduction.DupFd(self.fd),))
 
 
 def open_pidfd(pid: int) -> int | None:
@@ -146,6 +145,42 @@ def at_eof(fd: int) -> bool:
 def fork_server_pid() -> int | None:
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
     return getattr(server, "_forkserver_pid", None)
+
+
+# What the fork server imports before it forks a worker, and the variable through which it learns
+# the parent's main module (procpool._forkserver reads it; no string import, so the name is here).
+FORK_SERVER_PRELOAD = ["procpool._forkserver"]
+FORK_SERVER_ENV = "_PROCPOOL_FORKSERVER_MAIN"
+
+
+def start_fork_server(ctx: Any) -> None:
+    """Start multiprocessing's fork server, unless one runs, so that it imports procpool's
+    worker code and this process's main module once, before it forks any worker.
+
+    Without it each worker would run the main module again (with everything it imports) as it
+    starts: multiprocessing's own ``"__main__"`` preload does nothing on Python 3.11 to 3.13.7.
+    The main module is described in an environment variable, set only while the server is
+    spawned (``procpool._forkserver`` removes it there).
+    """
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    if fork_server_pid() is not None:
+        return  # running (or dead and not yet noticed: multiprocessing restarts it plainly)
+    data = multiprocessing.spawn.get_preparation_data("procpool-fork-server")
+    main = {
+        "ppid": os.getpid(),
+        "sys_path": data.get("sys_path"),
+        "argv": data.get("sys_argv"),
+        "main_path": data.get("init_main_from_path"),
+        "main_name": data.get("init_main_from_name"),
+    }
+    try:
+        os.environ[FORK_SERVER_ENV] = json.dumps(main)
+    except (TypeError, ValueError):  # pragma: no cover - a sys.path or argv entry json cannot hold
+        pass
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.environ.pop(FORK_SERVER_ENV, None)
 
 
 def forget_fork_server(pid: int | None, loop: Any) -> bool:
@@ -195,6 +230,9 @@ def start_worker(launch: Launch, shared: Any, name: str) -> tuple[Any, Any, Any,
     anonymous file its faulthandler writes stacks to and its shared-memory arena (None where
     none could be made or shared memory is off)."""
     ctx = launch.ctx
+    forkserver = ctx.get_start_method() == "forkserver"
+    if forkserver:
+        start_fork_server(ctx)
     call_r, call_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     grow_pipe(call_w.fileno())
@@ -223,8 +261,9 @@ def start_worker(launch: Launch, shared: Any, name: str) -> tuple[Any, Any, Any,
         except (ConnectionRefusedError, FileNotFoundError):
             # The fork server died a moment ago; multiprocessing still trusts it until the
             # kernel has made it a zombie. Forget it, so that a new one starts now.
-            if ctx.get_start_method() != "forkserver" or not forget_fork_server(None, launch.loop):
+            if not forkserver or not forget_fork_server(None, launch.loop):
                 raise
+            start_fork_server(ctx)
             process.start()
     except BaseException:
         call_w.close()

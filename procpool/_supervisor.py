@@ -132,11 +132,9 @@ class Supervisor:
             raise BrokenPool(self.broken_cause)
         if self.state is PoolState.INITIAL:
             loop = self.loop = asyncio.get_running_loop()
+            # Under forkserver the first start also starts the fork server, which imports the
+            # workers' code and the main module once (proc.start_fork_server).
             ctx = multiprocessing.get_context(self.config.start_method)
-            if self.config.start_method == "forkserver":
-                # The fork server imports these once; each worker forked from it then starts
-                # without re-importing them, the main module (with everything it imports) included.
-                ctx.set_forkserver_preload(["__main__", "procpool._child"])
             config = self.config
             self._launch = proc.Launch(ctx, loop, config.handler, config.initializer, config.initargs)
             self.tasks.bind(loop)
