@@ -39,9 +39,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Sized
 from typing import Any
 
 from procpool import POOL_SIZE, PoolState, PoolStatistics, TaskReport, _dask_worker
-from procpool._config import check_seconds
+from procpool._config import check_seconds, handler_path
 from procpool._dask_link import ClusterLink
-from procpool._dask_slots import DaskTask, DaskWorker, check_open, handler_path, pickle_call, pool_health, prompt_call
+from procpool._dask_slots import DaskTask, DaskWorker, check_open, pickle_call, pool_health, prompt_call
 from procpool._dask_tasks import TaskBook
 from procpool._messages import decode_error
 from procpool._pool import _check_retry as check_retry

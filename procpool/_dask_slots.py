@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,6 @@ __all__ = (
     "DaskWorker",
     "SlotState",
     "check_open",
-    "handler_path",
     "pickle_call",
     "pool_health",
     "prompt_call",
@@ -153,25 +151,6 @@ def check_open(pool_id: str, state: PoolState, loop: asyncio.AbstractEventLoop |
     if state is PoolState.BROKEN:
         raise BrokenPool(broken)
     raise PoolClosed(f"pool {pool_id!r} is shut down")
-
-
-def handler_path(handler: Any) -> str | None:
-    """Check a handler here, now, and return the import path the workers resolve."""
-    if handler is None:
-        return None
-    if callable(handler) and not isinstance(handler, str):
-        handler = f"{getattr(handler, '__module__', None)}:{getattr(handler, '__qualname__', None)}"
-    if not isinstance(handler, str):
-        raise TypeError(f"handler must be a 'module:function' string or a function, not {type(handler).__name__}")
-    if handler.count(":") != 1 or not all(handler.split(":")):
-        raise ValueError(f"handler must look like 'package.module:function', got {handler!r}")
-    try:
-        found = pkgutil.resolve_name(handler)
-    except Exception as exc:
-        raise ValueError(f"handler {handler!r} cannot be loaded: {exc}") from exc
-    if not callable(found):
-        raise ValueError(f"handler {handler!r} is not a function")
-    return handler
 
 
 def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
