@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import attrs
-import psutil
 
 from procpool import _processes as proc
 from procpool._config import PoolConfig
@@ -94,6 +93,8 @@ class Monitor:
         probe = worker.probe()
         if limit is None or probe is None:
             return None
+        import psutil  # imported on first use (see procpool._processes)
+
         try:
             rss_mb = probe.memory_info().rss / 2**20
         except psutil.Error:
@@ -110,6 +111,8 @@ class Monitor:
             return
         status, rss, cpu = sample
         pid = worker.pid
+        import psutil  # imported on first use (see procpool._processes)
+
         if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
             return  # it has exited: its sentinel reports the death, with the real exit status
         if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):

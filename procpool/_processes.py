@@ -22,12 +22,16 @@ import tempfile
 import termios
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import psutil
 
 from procpool import _child, _shm
+
+if TYPE_CHECKING:
+    # Imported where it is used: a main module importing WorkerPool is also imported by the fork
+    # server, which then need not import psutil (the parent imports it when it first looks).
+    import psutil
 
 __all__ = ("Launch",)
 
@@ -282,6 +286,8 @@ def descendants(pid: int | None) -> list[psutil.Process]:
     """Every live process below ``pid`` (a worker's tasks' processes), or [] when it is gone."""
     if pid is None:
         return []  # psutil.Process(None) would be this very process
+    import psutil
+
     try:
         children: list[psutil.Process] = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
@@ -302,6 +308,8 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> bool:
 
 def signal_all(procs: list[psutil.Process], sig: int) -> None:
     """Signal each process, ignoring those already gone."""
+    import psutil
+
     for proc in procs:
         try:
             proc.send_signal(sig)
@@ -311,6 +319,8 @@ def signal_all(procs: list[psutil.Process], sig: int) -> None:
 
 def sample(proc: psutil.Process) -> tuple[str, int, float] | None:
     """psutil status, RSS bytes and CPU seconds of a process; None if it is gone."""
+    import psutil
+
     try:
         with proc.oneshot():
             times = proc.cpu_times()
@@ -332,6 +342,8 @@ def resources(probe: psutil.Process | None) -> dict[str, Any]:
 
 def tree_cpu(proc: psutil.Process) -> float:
     """CPU seconds of the processes below ``proc``: the live ones and those it has reaped."""
+    import psutil
+
     try:
         times = proc.cpu_times()
         total: float = times.children_user + times.children_system

@@ -132,8 +132,6 @@ class Supervisor:
             raise BrokenPool(self.broken_cause)
         if self.state is PoolState.INITIAL:
             loop = self.loop = asyncio.get_running_loop()
-            # Under forkserver the first start also starts the fork server, which imports the
-            # workers' code and the main module once (proc.start_fork_server).
             ctx = multiprocessing.get_context(self.config.start_method)
             config = self.config
             self._launch = proc.Launch(ctx, loop, config.handler, config.initializer, config.initargs)
@@ -144,6 +142,10 @@ class Supervisor:
             _live_pools.add(self)
             self._monitor_task = loop.create_task(self.monitor.run(), name=f"procpool-monitor-{self.pool_id}")
             try:
+                if config.start_method == "forkserver":
+                    # First, so that the fork server (a fresh interpreter, importing the workers'
+                    # code and the main module once) starts while the slots set up.
+                    proc.start_fork_server(ctx)
                 for worker in self.workers:
                     self._spawn(worker)
             except BaseException:

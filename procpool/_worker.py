@@ -32,10 +32,9 @@ import pickle
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import psutil
 
 from procpool import _messages as m
 from procpool import _processes as proc
@@ -43,6 +42,9 @@ from procpool._channel import Channel
 from procpool._stats import WorkerStatistics, worker_dict
 from procpool._task import Task, TaskState
 from procpool.errors import SerializationError
+
+if TYPE_CHECKING:
+    import psutil  # imported on first use (see procpool._processes)
 
 __all__ = ("Worker", "WorkerEvents", "WorkerExit", "WorkerState")
 
@@ -525,6 +527,8 @@ class Worker:
         if self.pid is None or self.process is None:
             return None
         if self._psutil is None:
+            import psutil
+
             try:
                 self._psutil = psutil.Process(self.pid)
             except psutil.Error:
