@@ -56,6 +56,14 @@ def test_what_the_fork_server_preloads_imports_no_parent_machinery():
     assert "procpool._child" in loaded
 
 
+def test_importing_worker_pool_leaves_psutil_to_first_use():
+    """A main module that imports WorkerPool is imported by the fork server too: that import does
+    not pull in psutil, which only the parent uses, when it first looks at a process."""
+    code = "import json, sys\nfrom procpool import WorkerPool\nprint(json.dumps(sorted(sys.modules)))"
+    loaded = json.loads(_fresh(code))
+    assert "procpool._pool" in loaded and "psutil" not in loaded
+
+
 def test_every_public_name_imports_from_a_fresh_interpreter():
     """`from procpool import X` works for every X in __all__, dir() lists them all, and an
     unknown name still raises AttributeError / ImportError."""
