@@ -332,4 +332,4 @@ def main(
         results.put(m.body(os.getpid(), m.INIT_FAILED, traceback.format_exc().encode()))
         return
     results.put(m.body(os.getpid(), m.READY))
-    serve(calls, results, state, None if arena_fd is None else _shm.Arena(arena_fd, arena_limit))
+    serve(calls, results, state, None if arena_fd is None else _shm.worker_arena(arena_fd, arena_limit))

@@ -46,6 +46,20 @@ def kept() -> Any:
 _kept: Any = None
 
 
+def faults_of_a_second_buffer(n: int) -> tuple[int, int]:
+    """Fill an ``n``-byte buffer, free it, fill another: (minor page faults of the second, pages)."""
+    import resource
+
+    pages = n // os.sysconf("SC_PAGE_SIZE")
+    for _ in range(2):  # the first one frees a block like the second
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        buf = bytearray(n)
+        buf[:: os.sysconf("SC_PAGE_SIZE")] = bytes(pages)  # touch every page, whatever bytearray() did
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        del buf
+    return faults, pages
+
+
 def kill_self_after_copy(value: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

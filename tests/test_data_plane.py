@@ -126,6 +126,24 @@ def test_ring_frees_in_order_and_wraps():
     assert not ring.live and ring.alloc(1024, 5) == 0
 
 
+def test_ring_goes_back_to_the_start_as_soon_as_it_has_room():
+    """A stream of messages stays at the start of the area, in pages already resident, instead of running on."""
+    ring = _shm.Ring(1 << 20)
+    assert ring.alloc(1000, 1) == 0
+    assert ring.alloc(1000, 2) == 1024
+    for tag in range(3, 50):  # one message in flight behind each new one, as with prefetch
+        ring.free_through(tag - 2)
+        assert ring.alloc(1000, tag) == (0 if tag % 2 else 1024)
+
+
+async def test_a_worker_reuses_the_memory_of_a_freed_large_buffer(pool):
+    """A worker's malloc keeps a freed 64 MiB block, so the next one like it takes no fresh pages."""
+    if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+        pytest.skip("the worker's malloc is tuned only with glibc")
+    faults, pages = await pool.apply(data_tasks.faults_of_a_second_buffer, (64 * 1024 * 1024,))
+    assert faults < pages // 8, f"{faults} page faults for {pages} pages"
+
+
 def test_a_result_goes_inline_when_the_result_area_is_full():
     """When the parent has not read earlier results, a large result goes inline instead of waiting."""
     limit = 3 * BIG
