@@ -65,6 +65,8 @@ class ClusterLink:
         # Wakes the supervisor before its interval ends (a worker joined or left).
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
+        # Set by close(): the supervisor stops at its next turn.
+        self._closing = False
         # Kills on their way to a worker, referenced until they are sent.
         self._kills: set[asyncio.Task[None]] = set()
 
@@ -151,6 +153,7 @@ class ClusterLink:
 
     async def close(self) -> None:
         """Send the kills under way, stop supervising, close the client, and the cluster if it is ours."""
+        self._closing = True
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
@@ -220,9 +223,13 @@ class ClusterLink:
             self._wake.set()
 
     async def _supervise(self) -> None:
-        while True:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+        # comes as its awaitable completes (a worker event and close() in the same loop step),
+        # and close() then waited for this loop forever. ``_closing`` ends it even so.
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SUPERVISE_INTERVAL)
+                async with asyncio.timeout(SUPERVISE_INTERVAL):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if not await self._sync():
@@ -238,7 +245,8 @@ class ClusterLink:
             self.on_scheduler_lost(f"the connection closed (the client is {client.status!r})")
             return False
         try:
-            info = (await asyncio.wait_for(client.scheduler.identity(), PING_TIMEOUT))["workers"]
+            async with asyncio.timeout(PING_TIMEOUT):
+                info = (await client.scheduler.identity())["workers"]
         except (OSError, TimeoutError, distributed.comm.core.CommClosedError) as exc:
             self.on_scheduler_lost(f"it did not answer a ping within {PING_TIMEOUT:g} s ({type(exc).__name__}: {exc})")
             return False

@@ -318,3 +318,18 @@ async def test_a_task_that_kills_its_dask_worker_is_retried_then_quarantined(tmp
             await pool.apply(st.crash_until, (poison, 99), retry=policy)
         assert len(st.lines(poison)) == 2
         await _healthy(pool)
+
+
+@pytest.mark.timeout(180)
+async def test_shutting_down_as_a_worker_dies_returns():
+    """A pool shut down while its worker dies under a task shuts down, and the task fails with WorkerCrashed."""
+    pool = DaskPool("dying-at-shutdown")
+    await pool.initialize()
+    pids = set(_pids(pool))
+    future = pool.submit(tasks.kill_self)
+    # The death, the nanny's restart and the shutdown overlap: the pool once waited forever here.
+    await asyncio.wait_for(pool.shutdown(timeout=5), 60)
+    assert pool.state is PoolState.CLOSED
+    with pytest.raises(WorkerCrashed):
+        await future
+    assert_gone(sorted(pids))
