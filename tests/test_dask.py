@@ -26,7 +26,7 @@ import sched_tasks as st
 import tasks
 from helpers import assert_gone, wait_until
 
-from procpool import POOL_SIZE, BrokenPool, PoisonTask, PoolState, RetryPolicy, WorkerCrashed
+from procpool import POOL_SIZE, BrokenPool, PoisonTask, PoolClosed, PoolState, RetryPolicy, TaskTimeout, WorkerCrashed
 
 distributed = pytest.importorskip("distributed")
 from procpool.dask import DaskPool  # noqa: E402
@@ -318,6 +318,34 @@ async def test_a_task_that_kills_its_dask_worker_is_retried_then_quarantined(tmp
             await pool.apply(st.crash_until, (poison, 99), retry=policy)
         assert len(st.lines(poison)) == 2
         await _healthy(pool)
+
+
+@pytest.mark.timeout(240)
+async def test_a_dask_timeout_is_retried_when_asked_and_a_back_off_ends_at_shutdown(tmp_path):
+    """With on=(TaskTimeout,) a timed-out task runs again until two kills quarantine it; shutdown ends a back-off."""
+    pool = DaskPool("dask-retry-timeout")
+    await pool.initialize()
+    pids = set(_pids(pool))
+    try:
+        log = str(tmp_path / "log")
+        policy = RetryPolicy(attempts=5, on=(TaskTimeout, WorkerCrashed), backoff=0, quarantine_after=2)
+        with pytest.raises(PoisonTask) as caught:
+            await asyncio.wait_for(pool.apply(st.sleep_logged, (log, 60), timeout=3, retry=policy), 120)
+        assert [a.error.split(":")[0] for a in caught.value.attempts] == ["TaskTimeout", "TaskTimeout"]
+        assert [a.pid for a in caught.value.attempts] == [int(pid) for pid in st.lines(log)]
+        await _healthy(pool)
+        pids.update(_pids(pool))
+        crash = str(tmp_path / "crash")
+        retried = pool.statistics().tasks_retried
+        future = pool.submit(st.crash_until, crash, 3, retry=RetryPolicy(backoff=60))
+        await wait_until(lambda: pool.statistics().tasks_retried == retried + 1, timeout=60)
+    finally:
+        pids.update(_pids(pool))
+        await pool.shutdown(timeout=5)
+    with pytest.raises(PoolClosed):
+        await future
+    assert len(st.lines(crash)) == 1
+    assert_gone(sorted(pids))
 
 
 @pytest.mark.timeout(180)
