@@ -2,8 +2,9 @@
 
 Usage::
 
-    python benchmarks/floors.py            # 3 repeats, medians
+    python benchmarks/floors.py              # 3 repeats, medians
     python benchmarks/floors.py --repeat 1
+    python benchmarks/floors.py --cold-only  # only the cold start and the second pool
 
 Measured, each in this one process, one after the other:
 
@@ -11,8 +12,10 @@ Measured, each in this one process, one after the other:
   multiprocessing.Pool, and a raw ``multiprocessing.Pipe`` ping-pong with a forked echo process;
 * map of 200,000 tiny items: ``pool.map(...).chunks()``, the per-item ``async for``, and
   ``multiprocessing.Pool.map``;
-* cold start: first result of a first pool in a fresh interpreter, and of a second pool in the
-  same process (each in a child process, so every repeat is really cold).
+* cold start: in a fresh interpreter per library and repeat, so every repeat is really cold, the
+  time from a first pool's creation to its first result, then the same for a second pool in that
+  process: procpool, and loky and aiomultiprocess where installed. The script imports the library
+  at its top, as a user's does; that import is timed apart (``import_ms``), not in the cold start.
 
 Each target is printed as met or not, as ratios within the run.
 """
@@ -93,36 +96,83 @@ async def procpool_figures() -> dict[str, float]:
     return {"latency_us": statistics.median(lat) * 1e6, "map_chunks": chunks, "map_items": per_item}
 
 
-COLD = """
+# Cold start, one fresh interpreter per library and repeat, as a user's script is written: the
+# library is imported at the top (timed apart, as import_ms), then the clock runs from the pool's
+# creation to its first result; then a second pool in the same process, the same way. The script
+# is also what multiprocessing's fork server (procpool) or each worker (loky, aiomultiprocess)
+# imports as the main module.
+COLD_HEAD = """
 import asyncio, json, sys, time
 sys.path.insert(0, {here!r})
 import workloads as w
-import procpool
-
-async def main():
-    t0 = time.perf_counter()  # pool creation to first result, as benchmarks/compare.py measures
-    async with procpool.WorkerPool() as pool:
-        await pool.submit(w.square, 2)
-        first = time.perf_counter() - t0
-    t = time.perf_counter()
-    async with procpool.WorkerPool() as pool:
-        await pool.submit(w.square, 2)
-        second = time.perf_counter() - t
-    print(json.dumps({{"first_ms": first * 1e3, "second_ms": second * 1e3}}))
-
-if __name__ == "__main__":
-    asyncio.run(main())
+t_import = time.perf_counter()
+{import_line}
+import_ms = (time.perf_counter() - t_import) * 1e3
 """
+COLD_TAIL = """
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main())))
+"""
+COLD = {
+    "procpool": """
+async def main():
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        async with WorkerPool() as pool:
+            assert await pool.submit(w.square, 2) == 4
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"first_ms": times[0], "second_ms": times[1], "import_ms": import_ms}
+""",
+    "loky": """
+async def main():
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        # A private executor, not get_reusable_executor(): the second one starts its own workers.
+        executor = loky.ProcessPoolExecutor(3)
+        assert executor.submit(w.square, 2).result() == 4
+        times.append((time.perf_counter() - t0) * 1e3)
+        executor.shutdown()
+    return {"loky_first_ms": times[0], "loky_second_ms": times[1], "loky_import_ms": import_ms}
+""",
+    "aiomultiprocess": """
+async def main():
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        async with aiomultiprocess.Pool(3) as pool:
+            assert await pool.apply(w.asquare, (2,)) == 4
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"aiomp_first_ms": times[0], "aiomp_second_ms": times[1], "aiomp_import_ms": import_ms}
+""",
+}
+IMPORTS = {
+    "procpool": "from procpool import WorkerPool",
+    "loky": "import loky",
+    "aiomultiprocess": "import aiomultiprocess",
+}
 
 
 def cold_start(tmp: Path) -> dict[str, float]:
-    script = tmp / "cold_start.py"
-    script.write_text(COLD.format(here=str(Path(__file__).resolve().parent)))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True)
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    """procpool's cold start and second pool, and loky's and aiomultiprocess's where installed."""
+    import importlib.util
+
+    figures: dict[str, float] = {}
+    for lib, body in COLD.items():
+        if lib != "procpool" and importlib.util.find_spec(lib) is None:
+            continue
+        script = tmp / f"cold_start_{lib}.py"
+        head = COLD_HEAD.format(here=str(Path(__file__).resolve().parent), import_line=IMPORTS[lib])
+        script.write_text(head + body + COLD_TAIL)
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True)
+        figures.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    return figures
 
 
-def one_run(tmp: Path) -> dict[str, float]:
+def one_run(tmp: Path, cold_only: bool = False) -> dict[str, float]:
+    if cold_only:
+        return cold_start(tmp)
     import billiard
 
     figures = asyncio.run(procpool_figures())
@@ -145,15 +195,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--cold-only", action="store_true", help="measure only the cold start and second pool")
     args = parser.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeat):
             print(f"repeat {r + 1}/{args.repeat}", file=sys.stderr, flush=True)
-            runs.append(one_run(Path(tmp)))
+            runs.append(one_run(Path(tmp), args.cold_only))
     med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+    peers = ", ".join(
+        f"{label} {med[key + '_first_ms']:.0f} ms (second {med[key + '_second_ms']:.0f} ms)"
+        for key, label in (("loky", "loky"), ("aiomp", "aiomultiprocess"))
+        if key + "_first_ms" in med
+    )
+    cold = [
+        ("first result from a cold start within 40 ms", med["first_ms"] <= 40,
+         f"{med['first_ms']:.0f} ms (import of procpool before it: {med['import_ms']:.0f} ms); {peers or 'no peers'}"),
+        ("a second pool within 15 ms", med["second_ms"] <= 15, f"{med['second_ms']:.1f} ms"),
+    ]  # fmt: skip
+    checks = cold if args.cold_only else _floor_checks(med) + cold
+    for name, met, detail in checks:
+        print(f"[{'met' if met else 'NOT met'}] {name}: {detail}")
+    if args.json:
+        args.json.write_text(json.dumps({"medians": med, "runs": runs}, indent=1))
+    return 0
+
+
+def _floor_checks(med: dict[str, float]) -> list[tuple[str, bool, str]]:
     best_peer = min(med["billiard_us"], med["mp_us"])
-    checks = [
+    return [
         ("latency p50 at most the best peer's", med["latency_us"] <= best_peer,
          f"{med['latency_us']:.0f} us vs billiard {med['billiard_us']:.0f}, multiprocessing.Pool {med['mp_us']:.0f}"),
         ("latency p50 at most 1.3x a raw pipe ping-pong", med["latency_us"] <= 1.3 * med["raw_us"],
@@ -161,14 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         ("map of 200,000 tiny items at least multiprocessing.Pool.map", med["map_chunks"] >= med["mp_map"],
          f"chunks() {med['map_chunks'] / 1e6:.2f}M/s, per item {med['map_items'] / 1e6:.2f}M/s, "
          f"multiprocessing.Pool.map {med['mp_map'] / 1e6:.2f}M/s"),
-        ("first result from a cold start within 40 ms", med["first_ms"] <= 40, f"{med['first_ms']:.0f} ms"),
-        ("a second pool within 15 ms", med["second_ms"] <= 15, f"{med['second_ms']:.1f} ms"),
     ]  # fmt: skip
-    for name, met, detail in checks:
-        print(f"[{'met' if met else 'NOT met'}] {name}: {detail}")
-    if args.json:
-        args.json.write_text(json.dumps({"medians": med, "runs": runs}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
