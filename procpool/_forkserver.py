@@ -8,11 +8,11 @@ comes with it) and then the parent's main module, as multiprocessing imports it 
 module already there and does not run it again.
 
 multiprocessing's own ``"__main__"`` preload does nothing on Python 3.11 to 3.13.7 (it looks for
-a key that ``spawn.get_preparation_data`` no longer sets: python/cpython#126631), and where it
-works a main module that raises kills the fork server. Here the parent passes what is needed in
-the environment variable ``ENV`` (read and removed here, so no worker inherits it), and a main
-module that fails to import is left alone: each worker then imports it itself and reports the
-failure as it always has.
+a key that ``spawn.get_preparation_data`` no longer sets: python/cpython#126631), so procpool does
+it here, the same way on every version. The parent passes what is needed in the environment
+variable ``ENV`` (read and removed here, so no worker inherits it). A main module that fails to
+import here (any exception, SystemExit included) is left alone: each worker then imports it
+itself and reports the failure as it always has.
 """
 
 from __future__ import annotations
