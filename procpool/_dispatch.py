@@ -23,7 +23,6 @@ import asyncio
 import bisect
 import collections
 import contextlib
-import functools
 import itertools
 import logging
 import time
@@ -245,7 +244,8 @@ class Dispatcher:
         assert loop is not None
         future = TaskFuture(loop=loop)
         task = Task(next(self._ids), payload, future, timeout, time.monotonic(), priority=priority, retry=retry)
-        future.on_cancel = functools.partial(self._on_cancel, task)
+        future.book = self  # future.cancel() calls self.cancelled(task)
+        future.task = task
         self._counters.tasks_submitted += 1
         if retry is not None and self._poison:
             poison = self._poison.get(_retry.payload_digest(payload))
@@ -379,6 +379,8 @@ class Dispatcher:
             task.timer.cancel()
             task.timer = None
         future = task.future
+        # No cycle left: the task is freed as soon as nothing else holds it, not by the garbage collector.
+        future.task = None
         if future.done():
             return
         if ok:
@@ -442,7 +444,7 @@ class Dispatcher:
         self.resolve(task, False, error)
         worker.kill(error, KILL_GRACE)
 
-    def _on_cancel(self, task: Task) -> None:
+    def cancelled(self, task: Task) -> None:
         """A caller cancels a task's future: drop it if it has not started, else kill its worker."""
         self._counters.tasks_cancelled += 1
         if task.state is TaskState.PENDING:

@@ -39,16 +39,32 @@ class TaskFuture(asyncio.Future[Any]):
 
     asyncio runs done-callbacks a loop step later; in that step a worker could start the task the
     caller has just cancelled, and a cancelled task must never run.
+
+    Who is told: ``book.cancelled(task)`` when ``book`` and ``task`` are set (a pool's
+    dispatcher: two slot writes per task, no closure and no instance dict), else the zero-argument
+    ``on_cancel`` hook. The book clears ``task`` when it resolves the future, so a finished task
+    and its future are freed by reference counting, not left as a cycle for the garbage collector.
     """
 
-    on_cancel: Callable[[], None] | None = None
+    # Slots, unset until assigned (read with getattr on the rare cancel path).
+    __slots__ = ("book", "on_cancel", "task")
+
+    book: Any
+    on_cancel: Callable[[], None] | None
+    task: Any
 
     def cancel(self, msg: Any = None) -> bool:
         if self.done():
             return False
-        hook, self.on_cancel = self.on_cancel, None
-        if hook is not None:
-            hook()
+        task = getattr(self, "task", None)
+        if task is not None:
+            self.task = None
+            self.book.cancelled(task)
+        else:
+            hook = getattr(self, "on_cancel", None)
+            if hook is not None:
+                self.on_cancel = None
+                hook()
         return super().cancel(msg)
 
 

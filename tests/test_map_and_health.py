@@ -12,7 +12,7 @@ import pytest
 import tasks
 from helpers import wait_until
 
-from procpool import BrokenPool, Health, PoolStatistics, WorkerPool, WorkerState
+from procpool import BrokenPool, Health, PoolClosed, PoolStatistics, WorkerPool, WorkerState
 from procpool._map import WINDOW
 
 pytestmark = pytest.mark.anyio
@@ -111,7 +111,11 @@ async def test_wait_healthy_raises_brokenpool_for_a_pool_that_cannot_start():
 async def test_wait_healthy_times_out_while_a_worker_is_stuck():
     """wait_healthy(timeout) raises TimeoutError while a worker stays stuck (replace_stuck=False)."""
     async with WorkerPool(stuck_after=0.2, replace_stuck=False) as pool:
-        pool.submit(tasks.slow_pid, 30)
+        stuck = pool.submit(tasks.slow_pid, 30)
         await wait_until(lambda: any(w.state is WorkerState.STUCK for w in pool.workers))
         with pytest.raises(TimeoutError):
             await pool.wait_healthy(timeout=0.3)
+    # Killed by the shutdown; retrieved here, else asyncio reports an exception never retrieved
+    # as soon as the pool lets go of the future.
+    with pytest.raises(PoolClosed):
+        await stuck

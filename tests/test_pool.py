@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import signal
 import threading
 import time
 import types
+import weakref
 
 import psutil
 import pytest
@@ -603,3 +605,18 @@ async def test_a_failing_progress_callback_reaches_the_caller():
             await pool.execute_batch(["a", "b"], progress=broken)
         with pytest.raises(KeyError, match="callback bug"):
             [v async for v in pool.map(tasks.square, range(10), progress=broken)]
+
+
+async def test_a_finished_task_is_freed_by_reference_counting_not_left_to_the_garbage_collector():
+    """A resolved task's record is freed as soon as the pool lets go of it: no reference cycle with its future."""
+    gc.disable()  # whatever is still alive below is held by references, not awaiting a collection
+    try:
+        async with WorkerPool() as pool:
+            ok, failed = pool.submit(tasks.add, 1, 2), pool.submit(tasks.raise_custom, "boom")
+            records = [weakref.ref(ok.task), weakref.ref(failed.task)]
+            assert await ok == 3
+            with pytest.raises(Exception, match="boom"):
+                await failed
+            assert [record() for record in records] == [None, None]
+    finally:
+        gc.enable()
