@@ -338,7 +338,22 @@ class Dispatcher:
         if task.attempts is None:  # made at the first failure: most tasks never fail
             task.attempts = []
         what = f"task {task.id} of pool {self.pool_id!r}"
-        step = _retry.next_step(policy, task.attempts, task.pid, exitcode, task_error(error), what)
+        error = task_error(error)
+        step = _retry.next_step(policy, task.attempts, task.pid, exitcode, error, what)
+        if step is not error and isinstance(policy, _retry.ChunkRetry):
+            # A map() chunk: which of its items failed is unknown, so none is blamed (nor
+            # quarantined); map runs them again one per task, this attempt the first of each.
+            self._counters.tasks_retried += 1
+            delay = step if isinstance(step, float) else policy.delay(len(task.attempts))
+            log.warning(
+                "%s (a map chunk) failed (%s: %s); running its items again one per task",
+                what,
+                type(error).__name__,
+                error,
+            )
+            self._settle(task)
+            task.future.set_exception(_retry.RetryItems(error, task.attempts, delay))
+            return
         if isinstance(step, float):
             self._counters.tasks_retried += 1
             log.warning("%s failed (%s: %s); retrying in %.3g s", what, type(error).__name__, error, step)
@@ -357,6 +372,10 @@ class Dispatcher:
             log.error("%s", step)
         self.resolve(task, False, step)
 
+    def count_retry(self) -> None:
+        """A failed run is run again by its caller's code (map() retrying an item of a chunk)."""
+        self._counters.tasks_retried += 1
+
     def _retry_now(self, task: Task) -> None:
         task.timer = None
         if task in self.delayed:
@@ -371,6 +390,14 @@ class Dispatcher:
             self.resolve(self.delayed.pop(), False, error)
 
     # -- outcomes ----------------------------------------------------------------------------------
+
+    def _settle(self, task: Task) -> None:
+        """Mark a task done, as resolve() does, without resolving its future."""
+        task.state = TaskState.DONE
+        if task.timer is not None:
+            task.timer.cancel()
+            task.timer = None
+        task.future.task = None
 
     def resolve(self, task: Task, ok: bool, value: Any) -> None:
         """Resolve a task's future once, and count the outcome."""

@@ -407,8 +407,10 @@ class WorkerPool:
             progress: ``True`` for a progress bar on an interactive stderr (needs rich), or a
                 callable ``callback(done, total)``; ``total`` is None for inputs without a length.
             priority: the priority of every chunk (default 0).
-            retry: the retry policy of every chunk; a chunk is retried whole, so the items
-                before the one that killed its worker run again too.
+            retry: the retry policy of every item (default: the pool's ``retry``), per item:
+                a chunk whose worker died runs again one item per task (the items before the
+                culprit twice in all, their results lost with the worker), so only the culprit
+                is quarantined; an item raising an error of ``on`` runs again alone.
 
         Raises:
             TypeError: ``fn`` is not callable. ValueError: a bad ``chunksize`` or ``timeout``.
@@ -418,8 +420,9 @@ class WorkerPool:
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer or None, got {chunksize!r}")
         timeout = self._timeout_or_default(timeout)
-        enqueue = functools.partial(self._enqueue_with, self._call_options(priority, retry))
-        return MapIterator(enqueue, fn, iterable, chunksize, timeout, progress, f"{self.pool_id}: map")
+        priority, retry = self._call_options(priority, retry)
+        enqueue, label = functools.partial(self._enqueue_with, priority), f"{self.pool_id}: map"
+        return MapIterator(enqueue, fn, iterable, chunksize, timeout, progress, label, retry, self._tasks.count_retry)
 
     async def run_graph(
         self, graph: _graph.TaskGraph | Mapping[str, Any], *, return_exceptions: bool = False
@@ -477,9 +480,9 @@ class WorkerPool:
         return self._tasks.submit(payload, timeout, priority, retry)
 
     async def _enqueue_with(
-        self, options: tuple[int, RetryPolicy | None], payload: bytes, timeout: float | None
+        self, priority: int, payload: bytes, timeout: float | None, retry: RetryPolicy | None
     ) -> Task:
-        return await self._enqueue(payload, timeout, *options)
+        return await self._enqueue(payload, timeout, priority, retry)
 
     # -- health and statistics ---------------------------------------------------------------------
 

@@ -13,6 +13,12 @@ Decision for a failed attempt::
     the task has killed quarantine_after workers              -> fail with PoisonTask (quarantined)
     attempts used up                                          -> fail with the error
     otherwise                                                 -> run again after backoff(n)
+
+A ``map()`` chunk is retried per item, not whole: its policy is a
+[`ChunkRetry`][procpool._retry.ChunkRetry], and a failure that would run it again (or quarantine
+it: which of its items killed the worker is unknown, so none is blamed) resolves it with
+[`RetryItems`][procpool._retry.RetryItems] instead; map then runs its items again one per task,
+each with the chunk's failed attempt as its first (see ``procpool._map``).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from procpool.errors import (
     WorkerCrashed,
 )
 
-__all__ = ("RetryPolicy", "next_step", "payload_digest")
+__all__ = ("ChunkRetry", "RetryItems", "RetryPolicy", "next_step", "payload_digest")
 
 # How much of a stuck or crashed task's stack an Attempt keeps.
 STACK_EXCERPT = 2000
@@ -87,6 +93,30 @@ class RetryPolicy:
         if callable(self.backoff):
             return max(0.0, float(self.backoff(attempt)))
         return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+
+@attrs.frozen
+class ChunkRetry(RetryPolicy):
+    """The policy of a map() chunk of several items: the caller's, and a failure of the chunk that
+    the policy would retry is handed back to map as [`RetryItems`][procpool._retry.RetryItems]."""
+
+    @classmethod
+    def of(cls, policy: RetryPolicy) -> ChunkRetry:
+        return cls(policy.attempts, policy.on, policy.backoff, policy.max_backoff, policy.quarantine_after)
+
+
+class RetryItems(Exception):
+    """A map() chunk failed in a way its policy retries: run its items again, one per task.
+
+    Internal: only map() awaits a chunk's future. ``attempts`` is the chunk's evidence (one
+    attempt), each item's first; ``delay`` the back-off before they run.
+    """
+
+    def __init__(self, error: BaseException, attempts: list[Attempt], delay: float) -> None:
+        super().__init__(f"the chunk failed ({type(error).__name__}: {error}); its items run again one per task")
+        self.error = error
+        self.attempts = attempts
+        self.delay = delay
 
 
 def _killed_worker(error: BaseException) -> bool:

@@ -84,3 +84,15 @@ def pid_after(path: str, name: str, seconds: float) -> tuple[str, int, float, fl
 def fail_with(message: str) -> None:
     """Raise RuntimeError(message)."""
     raise RuntimeError(message)
+
+
+def map_item(arg: tuple[str, int, int, str]) -> int:
+    """Log ``value``; if it is ``poison``, kill the worker ("crash") or raise ValueError on its first run ("raise")."""
+    path, value, poison, how = arg
+    log(path, str(value))
+    if value == poison:
+        if how == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if lines(path).count(str(value)) == 1:
+            raise ValueError(f"item {value} fails on its first run")
+    return value * 10

@@ -144,6 +144,36 @@ async def test_a_cancelled_task_is_not_retried(pools, tmp_path):
     assert len(st.lines(log)) == 1
 
 
+async def test_map_retries_per_item_so_only_the_item_that_kills_workers_is_quarantined(pools, tmp_path):
+    """A map chunk whose worker died runs again one item per task: only its poison item is quarantined."""
+    pool = await pools.start("retry-map-crash", retry=RetryPolicy(attempts=3, backoff=0.01))
+    log = str(tmp_path / "log")
+    results = []
+    with pytest.raises(PoisonTask) as caught:
+        async for value in pool.map(st.map_item, [(log, i, 15, "crash") for i in range(20)], chunksize=10):
+            results.append(value)
+    assert results == [i * 10 for i in range(15)]  # every item before the poison one
+    runs = [st.lines(log).count(str(i)) for i in range(20)]
+    assert runs[:10] == [1] * 10  # the first chunk: once
+    assert runs[10:15] == [2] * 5  # in the crashed chunk, then alone (their results died with the worker)
+    assert runs[15] == 3  # the crashing item: its chunk's run and two runs alone
+    assert all(r <= 1 for r in runs[16:])  # after it: never run twice (the map ends at the poison item)
+    assert len(caught.value.attempts) == 3 and all(a.killed_worker for a in caught.value.attempts)
+    stats = pool.statistics()
+    assert (stats.tasks_quarantined, stats.tasks_retried) == (1, 2)  # three runs of the poison item: two retries
+
+
+async def test_map_retries_an_item_s_own_exception_alone_and_keeps_the_items_before_it(pools, tmp_path):
+    """An item whose exception the policy names runs again alone; the other items of its chunk run once."""
+    pool = await pools.start("retry-map-own")
+    log = str(tmp_path / "log")
+    policy = RetryPolicy(attempts=2, on=ValueError, backoff=0)
+    items = [(log, i, 4, "raise") for i in range(10)]
+    assert [v async for v in pool.map(st.map_item, items, chunksize=10, retry=policy)] == [i * 10 for i in range(10)]
+    assert [st.lines(log).count(str(i)) for i in range(10)] == [1, 1, 1, 1, 2, 1, 1, 1, 1, 1]
+    assert pool.statistics().tasks_retried == 1
+
+
 def test_retry_policy_checks_its_options():
     """RetryPolicy refuses nonsense at construction and computes a capped doubling back-off."""
     with pytest.raises(ValueError):
