@@ -18,6 +18,7 @@ by address and followed through their nannies' restarts, kills, the scheduler's 
     KilledWorker, "remove-worker" event -> TaskBook.worker_lost -> WorkerCrashed
     timeout, cancel, shutdown -> TaskBook.stop -> ClusterLink.kill -> the nanny restarts the worker
     a failure its retry= policy covers -> back-off -> front of its priority (or PoisonTask after N kills)
+    map() -> the core's MapIterator: a chunk whose worker died -> its items again one per task
 
 Invariants:
     * A slot holds at most one task, and a task runs only on the worker it was sent to: a task
@@ -30,12 +31,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import collections
+import functools
 import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from procpool import POOL_SIZE, PoolState, PoolStatistics, TaskReport, _dask_worker
@@ -43,12 +44,12 @@ from procpool._config import check_seconds, handler_path
 from procpool._dask_link import ClusterLink
 from procpool._dask_slots import DaskTask, DaskWorker, check_open, pickle_call, pool_health, prompt_call
 from procpool._dask_tasks import TaskBook
-from procpool._messages import decode_error
+from procpool._map import MapIterator
 from procpool._pool import _check_retry as check_retry
 from procpool._progress import ProgressArg, make_progress
 from procpool._retry import RetryPolicy
 from procpool._stats import status_dict
-from procpool.errors import BrokenPool, PoolClosed, PoolFull, task_error
+from procpool.errors import BrokenPool, PoolClosed, PoolFull
 
 __all__ = ("DaskPool",)
 
@@ -61,7 +62,6 @@ DEFAULT_START_TIMEOUT = 60.0
 # map() without a chunksize sizes chunks to take about this long in a worker: a Dask round trip
 # costs ~10-15 ms, ten times a local pool's, so chunks are ten times longer.
 TARGET_CHUNK_SECONDS = 0.1
-MAX_CHUNKSIZE = 8192
 
 _pool_numbers = itertools.count(1)
 
@@ -416,7 +416,7 @@ class DaskPool:
                     fut.cancel()
                 raise
 
-    async def map(
+    def map(
         self,
         fn: Callable[[Any], Any],
         iterable: Iterable[Any],
@@ -426,49 +426,33 @@ class DaskPool:
         progress: ProgressArg = None,
         priority: int = 0,
         retry: RetryPolicy | None = None,
-    ) -> AsyncIterator[Any]:
+    ) -> MapIterator:
         """Yield ``fn(item)`` for every item, in input order, consuming the input lazily.
 
-        As [`WorkerPool.map`][procpool.WorkerPool.map], except that without ``chunksize`` the
-        chunks grow until each takes about 100 ms on a worker (a Dask round trip costs ten times
-        a local one).
+        As [`WorkerPool.map`][procpool.WorkerPool.map], by the same iterator (``retry=`` per item,
+        ``chunks()``), except that without ``chunksize`` the chunks grow until each takes about
+        100 ms on a worker (a Dask round trip costs ten times a local one).
         """
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer or None, got {chunksize!r}")
         timeout = self._timeout_or_default(timeout)
-        options = self._call_options(priority, retry)
-        total = len(iterable) if isinstance(iterable, Sized) else None
-        reporter = make_progress(progress, total, f"{self.pool_id}: map")
-        items = iter(iterable)
-        size = chunksize or 1
-        window: collections.deque[tuple[DaskTask, int]] = collections.deque()
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and len(window) < 2 * POOL_SIZE + 1:
-                    chunk = list(itertools.islice(items, size))
-                    if not chunk:
-                        exhausted = True
-                        break
-                    payload = pickle_call(_dask_worker.run_chunk, (fn, chunk), {})
-                    window.append((await self._enqueue(payload, timeout, *options), len(chunk)))
-                if not window:
-                    return
-                task, count = window.popleft()
-                values, error = await task.future
-                if chunksize is None and task.duration:
-                    size = max(1, min(MAX_CHUNKSIZE, int(TARGET_CHUNK_SECONDS * count / task.duration)))
-                reporter.advance(len(values))
-                for value in values:
-                    yield value
-                if error is not None:
-                    raise task_error(decode_error(error))
-        finally:
-            reporter.close()
-            for task, _ in window:
-                task.future.cancel()
+        priority, retry = self._call_options(priority, retry)
+        return MapIterator(
+            functools.partial(self._enqueue_at, priority),
+            fn,
+            iterable,
+            chunksize,
+            timeout,
+            progress,
+            f"{self.pool_id}: map",
+            retry,
+            self._tasks.count_retry,
+            run_chunk=_dask_worker.run_chunk,
+            pickle=pickle_call,
+            target_seconds=TARGET_CHUNK_SECONDS,
+        )
 
     def _call_options(self, priority: Any, retry: Any) -> tuple[int, RetryPolicy | None]:
         if isinstance(priority, bool) or not isinstance(priority, int):
@@ -493,6 +477,11 @@ class DaskPool:
         self._check_open()
         await self._tasks.wait_for_room(self._check_open)
         return self._submit(payload, timeout, priority, retry)
+
+    async def _enqueue_at(
+        self, priority: int, payload: bytes, timeout: float | None, retry: RetryPolicy | None
+    ) -> DaskTask:
+        return await self._enqueue(payload, timeout, priority, retry)
 
     def _submit(self, payload: bytes, timeout: float | None, priority: int, retry: RetryPolicy | None) -> DaskTask:
         self._check_open()

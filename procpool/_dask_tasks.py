@@ -6,7 +6,9 @@ that runs (a timeout, a cancel, a shutdown) it asks the link to kill the worker.
 
 Scheduling is the local pool's (issue 15), built from the same parts: the pending queue is the
 core's [`PendingQueue`][procpool._dispatch.PendingQueue] (highest priority first, FIFO within
-one), and a failed task is retried or quarantined by the core's rules (``_retry.next_step``).
+one), and a failed task is retried or quarantined by the core's rules (``_retry.next_step``);
+a map() chunk (a ``ChunkRetry`` policy) is handed back to map as ``RetryItems`` instead, to run
+its items again one per task.
 A slot holds one task and nothing is prefetched, so a high-priority task waits at most for the
 three tasks running when it was queued.
 
@@ -284,7 +286,22 @@ class TaskBook:
         if task.attempts is None:
             task.attempts = []
         what = f"task {task.id} of pool {self.pool_id!r}"
-        step = _retry.next_step(policy, task.attempts, task.pid, None, task_error(error), what)
+        error = task_error(error)
+        step = _retry.next_step(policy, task.attempts, task.pid, None, error, what)
+        if step is not error and isinstance(policy, _retry.ChunkRetry):
+            # A map() chunk, as on a local pool: which of its items failed is unknown, so none is
+            # blamed (nor quarantined); map runs them again one per task, this attempt the first of each.
+            self.counts.tasks_retried += 1
+            delay = step if isinstance(step, float) else policy.delay(len(task.attempts))
+            log.warning(
+                "%s (a map chunk) failed (%s: %s); running its items again one per task",
+                what,
+                type(error).__name__,
+                error,
+            )
+            task.state = TaskState.DONE
+            task.future.set_exception(_retry.RetryItems(error, task.attempts, delay))
+            return
         if isinstance(step, float):
             self.counts.tasks_retried += 1
             log.warning("%s failed (%s: %s); retrying in %.3g s", what, type(error).__name__, error, step)
@@ -300,6 +317,10 @@ class TaskBook:
                 del self._poison[next(iter(self._poison))]
             log.error("%s", step)
         self.resolve(task, False, step)
+
+    def count_retry(self) -> None:
+        """A failed run is run again by its caller's code (map() retrying an item of a chunk)."""
+        self.counts.tasks_retried += 1
 
     def _retry_now(self, task: DaskTask) -> None:
         """A retry's back-off ended: the task goes back to the front of its priority."""

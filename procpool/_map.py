@@ -60,8 +60,17 @@ class MapIterator:
         label: str,
         retry: _retry.RetryPolicy | None = None,
         count_retry: Callable[[], None] | None = None,
+        *,
+        run_chunk: Callable[[Callable[[Any], Any], list[Any]], Any] = _child.run_chunk,
+        pickle: Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], bytes] = pickle_call,
+        target_seconds: float = TARGET_CHUNK_SECONDS,
     ) -> None:
+        # run_chunk, pickle and target_seconds: a DaskPool's (its worker's chunk runner, cloudpickle,
+        # longer chunks for its costlier round trip); a local pool's by default.
         self._enqueue = enqueue
+        self._run_chunk = run_chunk
+        self._pickle = pickle
+        self._target_seconds = target_seconds
         # Per-item retries need a policy that allows a second run; with attempts=1 a chunk
         # simply fails (or is quarantined) as any task.
         self._retry = retry if retry is not None and retry.attempts > 1 else None
@@ -125,7 +134,7 @@ class MapIterator:
         self._window.popleft()
         values, error = ([outcome], None) if items is _SINGLE else outcome
         if self._fixed_size is None and task.duration:
-            self._size = max(1, min(MAX_CHUNKSIZE, int(TARGET_CHUNK_SECONDS * count / task.duration)))
+            self._size = max(1, min(MAX_CHUNKSIZE, int(self._target_seconds * count / task.duration)))
         self._reporter.advance(len(values))
         self._ready.extend(values)
         if error is not None:
@@ -144,11 +153,11 @@ class MapIterator:
     async def _submit(self, items: list[Any], attempts: list[Attempt] | None = None) -> tuple[Task, int, Any]:
         """Submit a chunk, or with per-item retries an item alone as a plain call; its window entry."""
         if self._retry is not None and len(items) == 1:
-            task = await self._enqueue(pickle_call(self._fn, (items[0],), {}), self._timeout, self._retry)
+            task = await self._enqueue(self._pickle(self._fn, (items[0],), {}), self._timeout, self._retry)
             if attempts:  # this run is a retry: the earlier attempts count towards its policy
                 task.attempts = list(attempts)
             return task, 1, _SINGLE
-        payload = pickle_call(_child.run_chunk, (self._fn, items), {})
+        payload = self._pickle(self._run_chunk, (self._fn, items), {})
         task = await self._enqueue(payload, self._timeout, self._chunk_retry)
         return task, len(items), items if self._retry is not None else None
 

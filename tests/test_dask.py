@@ -361,3 +361,52 @@ async def test_shutting_down_as_a_worker_dies_returns():
     with pytest.raises(WorkerCrashed):
         await future
     assert_gone(sorted(pids))
+
+
+async def _collect(results) -> list:
+    """Every value of an async iterator, in order."""
+    return [value async for value in results]
+
+
+@pytest.mark.timeout(300)
+async def test_dask_map_retries_per_item_so_only_the_item_that_kills_workers_is_quarantined(tmp_path):
+    """A Dask map chunk whose worker died runs again one item per task: only its poison item is quarantined."""
+    pool = DaskPool("dask-retry-map-crash", retry=RetryPolicy(attempts=3, backoff=0.01))
+    await pool.initialize()
+    pids = set(_pids(pool))
+    try:
+        log = str(tmp_path / "log")
+        results: list[int] = []
+
+        async def consume() -> None:
+            async for value in pool.map(st.map_item, [(log, i, 15, "crash") for i in range(20)], chunksize=10):
+                results.append(value)
+
+        with pytest.raises(PoisonTask) as caught:
+            await asyncio.wait_for(consume(), 240)
+        assert results == [i * 10 for i in range(15)]  # every item before the poison one
+        runs = [st.lines(log).count(str(i)) for i in range(20)]
+        assert runs[:10] == [1] * 10  # the first chunk: once
+        assert runs[10:15] == [2] * 5  # in the crashed chunk, then alone (their results died with the worker)
+        assert runs[15] == 3  # the crashing item: its chunk's run and two runs alone
+        assert all(r <= 1 for r in runs[16:])  # after it: never run twice (the map ends at the poison item)
+        assert len(caught.value.attempts) == 3 and all(a.killed_worker for a in caught.value.attempts)
+        stats = pool.statistics()
+        assert (stats.tasks_quarantined, stats.tasks_retried) == (1, 2)  # three runs of the poison item: two retries
+    finally:
+        pids.update(_pids(pool))
+        await asyncio.wait_for(pool.shutdown(timeout=5), 60)
+    assert_gone(sorted(pids))
+
+
+@pytest.mark.timeout(180)
+async def test_dask_map_retries_an_item_s_own_exception_alone_and_keeps_the_items_before_it(tmp_path):
+    """On a Dask pool an item whose exception the policy names runs again alone; its chunk's others run once."""
+    async with DaskPool("dask-retry-map-own") as pool:
+        log = str(tmp_path / "log")
+        policy = RetryPolicy(attempts=2, on=ValueError, backoff=0)
+        items = [(log, i, 4, "raise") for i in range(10)]
+        values = await asyncio.wait_for(_collect(pool.map(st.map_item, items, chunksize=10, retry=policy)), 120)
+        assert values == [i * 10 for i in range(10)]
+        assert [st.lines(log).count(str(i)) for i in range(10)] == [1, 1, 1, 1, 2, 1, 1, 1, 1, 1]
+        assert pool.statistics().tasks_retried == 1
