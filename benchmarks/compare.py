@@ -334,7 +334,19 @@ def targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any
         met = None
         if mine is not None and best is not None:
             met = mine >= best * slack if higher else mine <= best
-        return {"target": name, "metric": metric, "procpool": mine, "best_peer": best_key, "best": best, "met": met}
+        unit = next(m.unit for m in METRICS if m.key == metric)
+        detail = f"procpool {_format(mine, unit)}" if mine is not None else "procpool not measured"
+        if best is not None:
+            detail += f" vs {BY_KEY[best_key].label if best_key else 'limit'} {_format(best, unit)}"
+        return {
+            "target": name,
+            "metric": metric,
+            "procpool": mine,
+            "best_peer": best_key,
+            "best": best,
+            "met": met,
+            "detail": detail,
+        }
 
     return [
         check("one-submit-per-task throughput at least the best required peer's", "submit_tasks_per_s", True),

@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, met, detail in checks:
         print(f"[{'met' if met else 'NOT met'}] {name}: {detail}")
     if args.json:
-        args.json.write_text(json.dumps({"medians": med, "runs": runs}, indent=1))
+        targets = [{"target": name, "met": met, "detail": detail} for name, met, detail in checks]
+        args.json.write_text(json.dumps({"medians": med, "runs": runs, "targets": targets}, indent=1))
     return 0
 
 

@@ -18,7 +18,8 @@ Two measurements, each in one run on one machine:
 
 Usage::
 
-    python benchmarks/scheduling.py [--tasks 2000] [--overhead-tasks 50000] [--repeat 5]
+    python benchmarks/scheduling.py [--tasks 2000] [--overhead-tasks 50000] [--repeat 5] [--json out.json]
+    python benchmarks/scheduling.py --quick           # 500 burst tasks, 3 rounds of 10,000
     python benchmarks/scheduling.py --overhead-only   # also runs on a procpool without priorities
 """
 
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from procpool import WorkerPool
@@ -107,30 +110,48 @@ async def overhead(tasks: int, repeat: int, modes: list[str]) -> dict[str, tuple
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--overhead-tasks", type=int, default=50_000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--tasks", type=int, default=None, help="burst tasks (default 2000, 500 with --quick)")
+    parser.add_argument(
+        "--overhead-tasks", type=int, default=None, help="tasks per round (default 50000, 10000 with --quick)"
+    )
+    parser.add_argument("--repeat", type=int, default=None, help="overhead rounds (default 5, 3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a smaller burst and fewer, shorter rounds")
     parser.add_argument("--overhead-only", action="store_true", help="only plain submits (any procpool)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures and targets here")
     args = parser.parse_args()
+    tasks = args.tasks or (500 if args.quick else 2000)
+    overhead_tasks = args.overhead_tasks or (10_000 if args.quick else 50_000)
+    repeat = args.repeat or (3 if args.quick else 5)
+    report: dict[str, Any] = {"burst": {}, "overhead": {}, "targets": []}
     if not args.overhead_only:
-        print(f"burst: {args.tasks} tasks of {TASK_SECONDS * 1e3:g} ms, 1 in {HIGH_EVERY} at priority {HIGH}")
+        print(f"burst: {tasks} tasks of {TASK_SECONDS * 1e3:g} ms, 1 in {HIGH_EVERY} at priority {HIGH}")
         for honour in (True, False):
-            result = await burst(args.tasks, honour)
+            result = await burst(tasks, honour)
+            report["burst"]["priorities" if honour else "fifo"] = result
             name = "priorities" if honour else "FIFO      "
             (h50, h99), (l50, l99) = result["high"], result["low"]
             print(f"  {name}  high p50 {h50:7.1f} ms  p99 {h99:7.1f} ms   low p50 {l50:7.1f} ms  p99 {l99:7.1f} ms")
+        prio, fifo = report["burst"]["priorities"]["high"][0], report["burst"]["fifo"]["high"][0]
+        report["targets"].append(
+            {
+                "target": "high-priority tasks of a burst wait less than in a FIFO pool (p50)",
+                "met": prio < fifo,
+                "detail": f"{prio:.1f} ms against {fifo:.1f} ms FIFO",
+            }
+        )
     modes = ["plain"] if args.overhead_only else ["plain", "priorities", "retry"]
     print(
-        f"overhead: {args.overhead_tasks} no-op tasks, one submit each; the modes take turns in one pool, "
-        f"{args.repeat} rounds; medians per task (best in brackets)"
+        f"overhead: {overhead_tasks} no-op tasks, one submit each; the modes take turns in one pool, "
+        f"{repeat} rounds; medians per task (best in brackets)"
     )
-    results = await overhead(args.overhead_tasks, args.repeat, modes)
+    results = await overhead(overhead_tasks, repeat, modes)
     plain_wall, plain_cpu = (statistics.median(values) for values in results["plain"])
     worst = 0.0
     for mode in modes:
         walls, cpus = results[mode]
         wall, cpu = statistics.median(walls), statistics.median(cpus)
         worst = max(worst, wall / plain_wall - 1)
+        report["overhead"][mode] = {"wall_us": wall, "cpu_us": cpu, "rounds_wall_us": walls}
         print(
             f"  {mode:<11} {wall:6.2f} us/task ({min(walls):6.2f})  {wall / plain_wall - 1:+6.1%} vs plain   "
             f"parent CPU {cpu:6.2f} us/task  {cpu / plain_cpu - 1:+6.1%}"
@@ -138,6 +159,18 @@ async def main() -> None:
     if len(modes) > 1:
         verdict = "met" if worst <= 0.10 else "not met"
         print(f"goal (every mode within 10 % of plain, wall-clock medians): {verdict} (worst {worst:+.1%})")
+        report["targets"].append(
+            {
+                "target": "scheduling overhead per task within 10 % of plain submits (priorities, retry)",
+                "met": worst <= 0.10,
+                "detail": ", ".join(
+                    f"{mode} {report['overhead'][mode]['wall_us'] / plain_wall - 1:+.1%}" for mode in modes[1:]
+                )
+                + f" vs plain {plain_wall:.2f} us/task",
+            }
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,14 +28,17 @@ def marked(marker: str) -> list[psutil.Process]:
 
 
 def test_bench_reports_every_metric_writes_json_and_markdown_and_leaves_no_process(tmp_path):
-    """`procpool bench --quick` at 1 % size against one peer reports every metric, ratio and target,
-    writes its JSON and Markdown reports, prints the table, and leaves no process behind."""
+    """`procpool bench --suite peers --quick` at 1 % size against one peer reports every metric, ratio
+    and target, writes its JSON and Markdown reports, prints the table and the targets' verdicts, and
+    leaves no process behind."""
     report_path, table_path = tmp_path / "bench.json", tmp_path / "bench.md"
     marker = uuid.uuid4().hex
     # --json and --markdown are the command's own options; --scale, --repeat and --peers pass through.
     command = [
         *console_script(),
         "bench",
+        "--suite",
+        "peers",
         "--quick",
         "--json",
         str(report_path),
@@ -75,6 +78,20 @@ def test_bench_reports_every_metric_writes_json_and_markdown_and_leaves_no_proce
     assert len(report["targets"]) >= 3 and all("met" in t for t in report["targets"])
     assert report["leftover_processes"] == []
     assert "| procpool" in table_path.read_text() and "| procpool" in out  # the ratio table is printed too
+    verdicts = [line for line in out.splitlines() if line.startswith("- [") and "] peers: " in line]
+    assert len(verdicts) == len(report["targets"]) and "Targets: " in out
 
     _, alive = psutil.wait_procs(marked(marker), timeout=10)
     assert not alive, f"processes started by the benchmark outlived it: {alive}"
+
+
+def test_bench_refuses_a_suites_options_for_several_suites():
+    """Options meant for one suite's script, given with several suites, are refused before anything runs."""
+    proc = subprocess.run(
+        [*console_script(), "bench", "--suite", "peers", "--suite", "floors", "--scale", "0.01"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "need exactly one --suite" in proc.stderr
