@@ -34,7 +34,7 @@ import distributed
 from procpool import Health, PoolStatistics, _retry
 from procpool._dask_link import ClusterLink
 from procpool._dask_slots import DaskTask, DaskWorker, SlotState
-from procpool._dispatch import QUARANTINE_SIZE, PendingQueue
+from procpool._dispatch import PendingQueue
 from procpool._messages import decode_error
 from procpool._retry import RetryPolicy
 from procpool._stats import LATENCY_WINDOW, Counters, PriorityStatistics, percentile
@@ -64,8 +64,7 @@ class TaskBook:
         # Recent waits (submission to a worker, seconds) per priority, for statistics.
         self.waits: dict[int, collections.deque[float]] = {}
         # Recent poison tasks (newest last), and the digests of their calls: refused at once.
-        self.quarantined: collections.deque[PoisonTask] = collections.deque(maxlen=QUARANTINE_SIZE)
-        self._poison: dict[bytes, PoisonTask] = {}
+        self.quarantine = _retry.Quarantine()
         # Whether tasks may be sent to workers now (the pool is RUNNING).
         self.sending = False
         # Callers waiting for room in the pending queue, oldest first.
@@ -106,7 +105,7 @@ class TaskBook:
             tasks_retried=counts.tasks_retried,
             tasks_quarantined=counts.tasks_quarantined,
             priorities=self._priority_statistics(),
-            poison_tasks=tuple(self.quarantined),
+            poison_tasks=tuple(self.quarantine.recent),
             recent_durations=tuple(counts.latencies),
             created_at=self.created_at,
             started_at=self.started_at,
@@ -165,7 +164,7 @@ class TaskBook:
         task = DaskTask(next(self._ids), payload, future, timeout, time.monotonic(), priority=priority, retry=retry)
         future.on_cancel = lambda: self._on_cancel(task)
         self.counts.tasks_submitted += 1
-        poison = self._poison.get(_retry.payload_digest(payload)) if retry is not None and self._poison else None
+        poison = self.quarantine.find(payload) if retry is not None else None
         if poison is not None:
             self.resolve(task, False, poison)  # quarantined: the same call is not run again
             return task
@@ -311,10 +310,7 @@ class TaskBook:
             return
         if isinstance(step, PoisonTask):
             self.counts.tasks_quarantined += 1
-            self.quarantined.append(step)
-            self._poison[_retry.payload_digest(task.payload)] = step
-            while len(self._poison) > QUARANTINE_SIZE:
-                del self._poison[next(iter(self._poison))]
+            self.quarantine.add(task.payload, step)
             log.error("%s", step)
         self.resolve(task, False, step)
 

@@ -48,8 +48,6 @@ log = logging.getLogger("procpool.pool")
 PREFETCH_SECONDS = 0.002
 # Tasks in one worker's pipe at most: the child's cancel ring must be able to hold them all.
 MAX_WINDOW = CANCEL_RING // 2
-# Recent poison tasks a pool lists in its status, and quarantined calls it refuses at once.
-QUARANTINE_SIZE = 100
 
 
 class PendingQueue:
@@ -158,8 +156,7 @@ class Dispatcher:
         # Recent waits (submission to dispatch, seconds) per priority, for statistics.
         self.waits: dict[int, collections.deque[float]] = {}
         # Recent poison tasks (newest last), and the digests of their calls: refused at once.
-        self.quarantined: collections.deque[PoisonTask] = collections.deque(maxlen=QUARANTINE_SIZE)
-        self._poison: dict[bytes, PoisonTask] = {}
+        self.quarantine = _retry.Quarantine()
         self._ids = itertools.count(1)
         self._dispatch_scheduled = False
         # Whether dispatch may send work (the pool is RUNNING).
@@ -247,8 +244,8 @@ class Dispatcher:
         future.book = self  # future.cancel() calls self.cancelled(task)
         future.task = task
         self._counters.tasks_submitted += 1
-        if retry is not None and self._poison:
-            poison = self._poison.get(_retry.payload_digest(payload))
+        if retry is not None:
+            poison = self.quarantine.find(payload)
             if poison is not None:
                 self.resolve(task, False, poison)  # quarantined: the same call is not run again
                 return task
@@ -365,10 +362,7 @@ class Dispatcher:
             return
         if isinstance(step, PoisonTask):
             self._counters.tasks_quarantined += 1
-            self.quarantined.append(step)
-            self._poison[_retry.payload_digest(task.payload)] = step
-            while len(self._poison) > QUARANTINE_SIZE:
-                del self._poison[next(iter(self._poison))]
+            self.quarantine.add(task.payload, step)
             log.error("%s", step)
         self.resolve(task, False, step)
 

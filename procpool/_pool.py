@@ -556,7 +556,7 @@ class WorkerPool:
                 PriorityStatistics(p, queued, len(waits), percentile(sorted(waits), 50))
                 for p, (queued, waits) in self._tasks.priority_statistics().items()
             ),
-            poison_tasks=tuple(self._tasks.quarantined),
+            poison_tasks=tuple(self._tasks.quarantine.recent),
             recent_durations=tuple(c.latencies),
             created_at=self.created_at,
             started_at=self._supervisor.started_at,

@@ -23,6 +23,7 @@ each with the chunk's failed attempt as its first (see ``procpool._map``).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -38,10 +39,12 @@ from procpool.errors import (
     WorkerCrashed,
 )
 
-__all__ = ("ChunkRetry", "RetryItems", "RetryPolicy", "next_step", "payload_digest")
+__all__ = ("QUARANTINE_SIZE", "ChunkRetry", "Quarantine", "RetryItems", "RetryPolicy", "next_step", "payload_digest")
 
 # How much of a stuck or crashed task's stack an Attempt keeps.
 STACK_EXCERPT = 2000
+# Recent poison tasks a pool lists in its status, and quarantined calls it refuses at once.
+QUARANTINE_SIZE = 100
 
 
 def _check_on(value: Any) -> tuple[type[BaseException], ...]:
@@ -162,3 +165,24 @@ def next_step(
 def payload_digest(payload: bytes) -> bytes:
     """What identifies a call for the quarantine: a hash of its pickled bytes."""
     return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+class Quarantine:
+    """A pool's recent poison tasks: listed in its status, and the same call (the same pickled
+    bytes) submitted again with a retry policy is refused at once with its PoisonTask."""
+
+    def __init__(self, size: int = QUARANTINE_SIZE) -> None:
+        self.recent: collections.deque[PoisonTask] = collections.deque(maxlen=size)
+        self._size = size
+        self._by_call: dict[bytes, PoisonTask] = {}
+
+    def add(self, payload: bytes, poison: PoisonTask) -> None:
+        """Quarantine the call whose pickled bytes are ``payload``."""
+        self.recent.append(poison)
+        self._by_call[payload_digest(payload)] = poison
+        while len(self._by_call) > self._size:
+            del self._by_call[next(iter(self._by_call))]
+
+    def find(self, payload: bytes) -> PoisonTask | None:
+        """The PoisonTask of this call if it is quarantined."""
+        return self._by_call.get(payload_digest(payload)) if self._by_call else None
