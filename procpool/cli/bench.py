@@ -130,11 +130,15 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 def _targets(reports: dict[str, Any]) -> str:
     """Every suite's targets as one list, met or not."""
-    rows = [(name, t) for name, report in reports.items() for t in report.get("targets", [])]
+    rows = []
+    for name, report in reports.items():
+        rows += [(name, t) for t in report.get("targets", [])]
+        # compare.py also measures procpool.Executor from synchronous code (issue 12).
+        rows += [(f"{name} (Executor)", t) for t in report.get("executor", {}).get("targets", [])]
     met = sum(t.get("met") is True for _, t in rows)
     out = [f"Targets: {met} of {len(rows)} met"]
     for name, t in rows:
         verdict = {True: "met", False: "NOT met"}.get(t.get("met"), "not measured")
-        detail = f": {t['detail']}" if t.get("detail") else ""
+        detail = f": {t['detail']}" if t.get("detail") else (f": {t['ratio']:.2f}x" if t.get("ratio") else "")
         out.append(f"- [{verdict}] {name}: {t['target']}{detail}")
     return "\n".join(out)
