@@ -316,6 +316,11 @@ class Dispatcher:
     def requeue(self, tasks: list[Task]) -> None:
         """Put tasks that never started back at the front of their priority, in their order."""
         for task in tasks:
+            # Its clock restarts on its next worker: one armed while it was its old worker's
+            # head (a child skipping it after a kill) would fire for the old slot.
+            if task.timer is not None:
+                task.timer.cancel()
+                task.timer = None
             task.state = TaskState.PENDING
             task.slot = None
         self.pending.extendleft(tasks)

@@ -241,6 +241,21 @@ def ignore_sigterm_then_sleep(seconds: float) -> float:
     return seconds
 
 
+def finish_on_sigterm(timeout: float = 30.0) -> str:
+    """Like a library that catches SIGTERM to wind down: return as soon as SIGTERM arrives."""
+    asked: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: asked.append(signum))
+    try:
+        deadline = time.monotonic() + timeout
+        while not asked:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no SIGTERM came")
+            time.sleep(0.005)
+        return "stopped"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def sleep_if_exists(path: str, seconds: float) -> None:
     """An initializer that is slow only once the test has created ``path``."""
     if os.path.exists(path):

@@ -82,15 +82,39 @@ async def test_a_requeued_task_keeps_its_timeout(tmp_path):
 
 async def test_a_kill_for_one_task_does_not_blame_the_next_one():
     """When a timed-out task finishes during the kill's grace period, the tasks behind it run elsewhere."""
-    async with WorkerPool(task_timeout=0.5) as pool:
+    async with WorkerPool(task_timeout=2.0) as pool:
         await asyncio.gather(*(pool.submit(tasks.square, i) for i in range(3000)))  # deep prefetch
-        stubborn = pool.submit(tasks.ignore_sigterm_then_sleep, 0.6)
+        # It runs until the kill's SIGTERM, then finishes: in the grace period whatever the load.
+        stubborn = pool.submit(tasks.finish_on_sigterm)
         behind = [pool.submit(tasks.sleep_then, 0.3, i) for i in range(9)]
         await asyncio.sleep(0)
         assert len(pool.workers[0].in_flight) > 1  # some of them wait behind the stubborn task
         with pytest.raises(TaskTimeout):
             await stubborn
         assert await asyncio.gather(*behind) == list(range(9))
+
+
+async def test_a_task_skipped_by_a_killed_worker_is_timed_afresh_where_it_runs_next(tmp_path):
+    """A task that a worker being killed skipped gets a clock of its own on the worker that runs it.
+
+    While the killed task finishes in the grace period, the task behind it is briefly its worker's
+    head, which starts its clock; the child then skips it and it is requeued. That clock must not
+    follow it: left running it fired for the old slot and the task, gone to another worker, had no
+    time limit at all (on the old slot's replacement it would cut the task's run short instead).
+    """
+    gate = tmp_path / "go"
+    async with WorkerPool(task_timeout=2.0) as pool:
+        await asyncio.gather(*(pool.submit(tasks.square, i) for i in range(3000)))  # deep prefetch
+        stubborn = pool.submit(tasks.finish_on_sigterm)  # worker 0: times out, ends in the grace period
+        blockers = [pool.submit(tasks.wait_for_file, str(gate)) for _ in range(2)]  # workers 1 and 2
+        behind = pool.submit(tasks.slow_pid, 60)  # queued behind the stubborn task
+        await wait_until(lambda: len(pool.workers[0].in_flight) == 2)
+        gate.touch()  # workers 1 and 2 go idle, ready to take the skipped task
+        await asyncio.wait_for(asyncio.gather(*blockers), 15)
+        with pytest.raises(TaskTimeout):
+            await asyncio.wait_for(stubborn, 15)
+        with pytest.raises(TaskTimeout):  # on the idle worker it went to, within its own 2 s
+            await asyncio.wait_for(behind, 15)
 
 
 async def test_requeued_tasks_go_to_idle_workers_without_waiting_for_the_replacement(tmp_path):
