@@ -580,7 +580,8 @@ async def test_cancelling_shutdown_still_stops_every_worker():
     await pool.initialize()
     pids = pids_of(pool)
     running = [pool.submit(tasks.slow_pid, 60) for _ in range(3)]
-    await wait_until(lambda: all(w.in_flight for w in pool.workers))
+    # Started in the workers, not only written to them: one not started yet is skipped instead.
+    await wait_until(lambda: all(w.in_flight and w.is_running(w.in_flight[0]) for w in pool.workers))
     closing = asyncio.ensure_future(pool.shutdown(timeout=60))
     await wait_until(lambda: pool.state is procpool.PoolState.CLOSING)
     closing.cancel()
