@@ -18,7 +18,7 @@ import data_tasks
 import numpy as np
 import psutil
 import pytest
-from helpers import all_healthy, assert_gone, pids_of
+from helpers import all_healthy, assert_gone, pids_of, wait_until
 
 from procpool import TaskTimeout, WorkerCrashed, WorkerPool
 
@@ -72,7 +72,8 @@ async def test_a_killed_worker_takes_its_arena_with_it(pool, how):
             await pool.apply(data_tasks.sleep_with, (BIG, 60), timeout=0.3)
     else:
         future = pool.submit(data_tasks.sleep_with, BIG, 60)
-        await asyncio.sleep(0.3)  # let it start: cancelling a running task kills its worker
+        # Running, not only sent: cancelling a running task kills its worker, a queued one is dropped.
+        await wait_until(lambda: any(w.in_flight and w.is_running(w.in_flight[0]) for w in pool.workers))
         future.cancel()
     await all_healthy(pool)
     pool._test_seen_pids.update(pids_of(pool))  # type: ignore[attr-defined]
