@@ -64,8 +64,7 @@ class WorkerPool:
         max_tasks_per_worker: replace a worker after it has run this many tasks.
         max_memory_mb: replace a worker whose RSS passes this: after a task, gracefully; while
             a task runs, at once, failing the task with [`MemoryLimitExceeded`][procpool.MemoryLimitExceeded].
-            A worker keeps up to about 128 MiB of freed memory for its next large argument
-            (glibc only); leave room for it.
+            Leave room for the up to 128 MiB of freed memory a worker keeps (glibc only).
         start_timeout: seconds a new worker may take to become ready (import the handler, run
             the initializer) before its start counts as failed (default 60; None: no limit).
             Three failed starts in a row make the pool BROKEN.
