@@ -62,14 +62,20 @@ async def test_a_high_priority_task_waits_only_behind_tasks_already_handed_to_wo
         count = 10_000  # leaves a long queue behind it even when a loaded loop lags far behind its workers
         lows = [pool.submit(st.record, log, str(i)) for i in range(count)]
         # Tiny tasks: once some are measured the window grows, so workers hold many each. The
-        # high-priority task is submitted from the 300th task's completion, in the loop.
+        # high-priority task is submitted from the 300th completion (of any task: under load one
+        # worker can be descheduled while the other two drain the queue), in the loop.
         launched: asyncio.Future[tuple[PoolStatistics, int, asyncio.Future[str]]] = asyncio.Future()
+        done = 0
 
         def launch(_: object) -> None:
-            stats, seen = pool.statistics(), len(st.lines(log))
-            launched.set_result((stats, seen, pool.submit(st.record, log, "high", priority=10)))
+            nonlocal done
+            done += 1
+            if done == 300:
+                stats, seen = pool.statistics(), len(st.lines(log))
+                launched.set_result((stats, seen, pool.submit(st.record, log, "high", priority=10)))
 
-        lows[299].add_done_callback(launch)
+        for low in lows:
+            low.add_done_callback(launch)
         stats, seen, high = await asyncio.wait_for(launched, 60)
         sent = count - stats.queue_size  # lows 0 .. sent-1 were handed to workers (FIFO)
         assert stats.queue_size > 1000, "the test needs a long queue behind the high-priority task"
