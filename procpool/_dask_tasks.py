@@ -162,7 +162,8 @@ class TaskBook:
         """Queue a task and send it at once if a slot is free (a quarantined call fails at once)."""
         future = TaskFuture(loop=asyncio.get_running_loop())
         task = DaskTask(next(self._ids), payload, future, timeout, time.monotonic(), priority=priority, retry=retry)
-        future.on_cancel = lambda: self._on_cancel(task)
+        future.book = self  # future.cancel() calls self.cancelled(task)
+        future.task = task
         self.counts.tasks_submitted += 1
         poison = self.quarantine.find(payload) if retry is not None else None
         if poison is not None:
@@ -333,6 +334,7 @@ class TaskBook:
             task.timer.cancel()
             task.timer = None
         future = task.future
+        future.task = None  # no cycle left: the task is freed by reference counting
         if future.done():
             return
         if ok:
@@ -370,7 +372,7 @@ class TaskBook:
         )
         self.stop(slot, TaskTimeout(task.timeout or 0.0, slot.pid, f"dask worker {slot.address}"), "its task timed out")
 
-    def _on_cancel(self, task: DaskTask) -> None:
+    def cancelled(self, task: DaskTask) -> None:
         """A caller cancels a task's future: drop it if it has not started, else kill its worker."""
         self.counts.tasks_cancelled += 1
         if task.state is TaskState.PENDING:

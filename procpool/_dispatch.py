@@ -391,22 +391,18 @@ class Dispatcher:
     # -- outcomes ----------------------------------------------------------------------------------
 
     def _settle(self, task: Task) -> None:
-        """Mark a task done, as resolve() does, without resolving its future."""
+        """Mark a task done (its clock stopped) without resolving its future."""
         task.state = TaskState.DONE
         if task.timer is not None:
             task.timer.cancel()
             task.timer = None
+        # No cycle left: the task is freed as soon as nothing else holds it, not by the garbage collector.
         task.future.task = None
 
     def resolve(self, task: Task, ok: bool, value: Any) -> None:
         """Resolve a task's future once, and count the outcome."""
-        task.state = TaskState.DONE
-        if task.timer is not None:
-            task.timer.cancel()
-            task.timer = None
+        self._settle(task)
         future = task.future
-        # No cycle left: the task is freed as soon as nothing else holds it, not by the garbage collector.
-        future.task = None
         if future.done():
             return
         if ok:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -40,17 +39,16 @@ class TaskFuture(asyncio.Future[Any]):
     asyncio runs done-callbacks a loop step later; in that step a worker could start the task the
     caller has just cancelled, and a cancelled task must never run.
 
-    Who is told: ``book.cancelled(task)`` when ``book`` and ``task`` are set (a pool's
-    dispatcher: two slot writes per task, no closure and no instance dict), else the zero-argument
-    ``on_cancel`` hook. The book clears ``task`` when it resolves the future, so a finished task
-    and its future are freed by reference counting, not left as a cycle for the garbage collector.
+    Who is told: ``book.cancelled(task)``, where ``book`` is the pool's task book (a local pool's
+    dispatcher or a Dask pool's; two slot writes per task, no closure and no instance dict). The
+    book clears ``task`` when it resolves the future, so a finished task and its future are freed
+    by reference counting, not left as a cycle for the garbage collector.
     """
 
     # Slots, unset until assigned (read with getattr on the rare cancel path).
-    __slots__ = ("book", "on_cancel", "task")
+    __slots__ = ("book", "task")
 
     book: Any
-    on_cancel: Callable[[], None] | None
     task: Any
 
     def cancel(self, msg: Any = None) -> bool:
@@ -60,11 +58,6 @@ class TaskFuture(asyncio.Future[Any]):
         if task is not None:
             self.task = None
             self.book.cancelled(task)
-        else:
-            hook = getattr(self, "on_cancel", None)
-            if hook is not None:
-                self.on_cancel = None
-                hook()
         return super().cancel(msg)
 
 
