@@ -5,6 +5,7 @@ Usage::
     python benchmarks/payload.py                       # every peer, 3 repeats, JSON + plot
     python benchmarks/payload.py --quick               # 1 repeat, smaller volumes
     python benchmarks/payload.py --peers procpool,multiprocessing --json out.json --plot out.png
+    python benchmarks/payload.py --quick --peers procpool,procpool-keep   # the parent's opt-in
 
 Every contender (3 workers each, its library's default start method) runs in a child process of
 its own, once per repeat, in a rotating order; the table gives medians. A point sends a fixed
@@ -13,6 +14,10 @@ arrives (a stream, as a real pipeline would: keeping every result would measure 
 fresh memory instead). Each point starts with WINDOW untimed tasks of its size, for every
 contender and floor alike, so that it measures the stream and not the first touch of a new
 size. Throughput is MiB/s each way: payload size x tasks / elapsed time.
+
+``procpool-keep`` is procpool in a child that first calls ``procpool.keep_freed_memory()``, the
+opt-in that lets the parent's malloc keep freed memory for the next result (glibc); the issue's
+targets compare plain ``procpool``, the default, and count neither as a peer.
 
 Two floors measured by the same script, with the same three worker processes and window:
 
@@ -44,8 +49,21 @@ KINDS = ["bytes", "numpy"]
 WINDOW = 6  # two tasks per worker: one running, one waiting
 FULL = {"volume": 512 * MiB, "max_tasks": 4000, "min_tasks": 6}
 QUICK = {"volume": 128 * MiB, "max_tasks": 1000, "min_tasks": 6}
-PEERS = ["procpool", "multiprocessing", "futures", "loky", "pebble", "mpire", "billiard", "raw-pipe", "raw-shm"]
+PEERS = [
+    "procpool",
+    "procpool-keep",
+    "multiprocessing",
+    "futures",
+    "loky",
+    "pebble",
+    "mpire",
+    "billiard",
+    "raw-pipe",
+    "raw-shm",
+]
 FLOORS = ("raw-pipe", "raw-shm")
+# procpool as it is, and with the parent's opt-in procpool.keep_freed_memory(): neither is a peer.
+PROCPOOLS = ("procpool", "procpool-keep")
 CHILD_DEADLINE = 900
 
 
@@ -168,13 +186,15 @@ def child(key: str, config: dict[str, int], rss: bool) -> None:
 
         runner: Any = raw_echo.Floor(key, WINDOW)
         measure = runner.run
-    elif key == "procpool":
+    elif key in PROCPOOLS:
         import asyncio
 
         import workloads
 
         import procpool
 
+        if key == "procpool-keep" and not procpool.keep_freed_memory():
+            sys.exit("procpool-keep: procpool.keep_freed_memory() has no effect here (glibc only)")
         loop = asyncio.new_event_loop()
         pp = procpool.WorkerPool()
         loop.run_until_complete(pp.initialize())
@@ -260,7 +280,7 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str
 def targets(summary: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """Issue 13's payload targets, each met or not, as ratios within this run."""
     pp = summary.get("procpool", {})
-    peers = {k: v for k, v in summary.items() if k != "procpool" and k not in FLOORS}
+    peers = {k: v for k, v in summary.items() if k not in PROCPOOLS and k not in FLOORS}
     out = []
     for kind in KINDS:
 
@@ -326,8 +346,8 @@ def plot(summary: dict[str, dict[str, float]], path: Path) -> None:
     for ax, kind in zip(axes, KINDS, strict=True):
         for key, points in summary.items():
             ys = [points.get(f"{kind}:{s}") for s in SIZES]
-            style = "--" if key in FLOORS else "-"
-            width = 2.5 if key == "procpool" else 1.2
+            style = "--" if key in FLOORS else "-." if key == "procpool-keep" else "-"
+            width = 2.5 if key in PROCPOOLS else 1.2
             ax.plot([s / KiB for s in SIZES], ys, style, marker="o", linewidth=width, label=key)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -25,6 +25,7 @@ if _typing.TYPE_CHECKING:
     from procpool._pool import POOL_SIZE, PoolState, WorkerPool
     from procpool._protocol import PoolLike
     from procpool._retry import RetryPolicy
+    from procpool._shm import keep_freed_memory
     from procpool._stats import Health, PoolStatistics, PriorityStatistics, WorkerStatistics
     from procpool._task import TaskReport
     from procpool._worker import Worker, WorkerState
@@ -98,6 +99,7 @@ __all__ = (
     "__version__",
     "get_pool_manager",
     "heartbeat",
+    "keep_freed_memory",
     "prefer_healthy",
 )
 
@@ -111,6 +113,7 @@ _WHERE = {
     "procpool._pool": ("POOL_SIZE", "PoolState", "WorkerPool"),
     "procpool._protocol": ("PoolLike",),
     "procpool._retry": ("RetryPolicy",),
+    "procpool._shm": ("keep_freed_memory",),
     "procpool._stats": ("Health", "PoolStatistics", "PriorityStatistics", "WorkerStatistics"),
     "procpool._task": ("TaskReport",),
     "procpool._worker": ("Worker", "WorkerState"),
