@@ -13,10 +13,13 @@ with eager imports; type checkers and IDEs read the ``TYPE_CHECKING`` block belo
 """
 
 import importlib as _importlib
-import logging as _logging
-import typing as _typing
 
-if _typing.TYPE_CHECKING:
+# typing.TYPE_CHECKING without importing typing (the fork server imports this file; type
+# checkers treat any TYPE_CHECKING as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
     from procpool._autoscale import AutoscaleDecision, AutoscaleMetrics, AutoscalePolicy, AutoscaleStatistics
     from procpool._child import heartbeat
     from procpool._config import PoolConfig
@@ -49,11 +52,9 @@ if _typing.TYPE_CHECKING:
         WorkerStuck,
     )
     from procpool.executor import Executor
+del TYPE_CHECKING
 
 __version__ = "0.1.0"
-
-# A library logs, it does not print: without the application's own logging set-up, stay silent.
-_logging.getLogger("procpool").addHandler(_logging.NullHandler())
 
 __all__ = (
     "POOL_SIZE",
@@ -141,7 +142,7 @@ _WHERE = {
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 
 
-def __getattr__(name: str) -> _typing.Any:
+def __getattr__(name: str) -> "Any":
     """Import a public name's module on first use, then keep the name here."""
     module = _MODULE_OF.get(name)
     if module is None:

@@ -27,12 +27,13 @@ from typing import Any
 
 import attrs
 
+from procpool import _log
 from procpool._stats import percentile
 from procpool.errors import PoolNotFound
 
 __all__ = ("AutoscaleMetrics", "AutoscalePolicy", "AutoscaleStatistics", "Autoscaler", "AutoscaleDecision")
 
-log = logging.getLogger("procpool.autoscale")
+log = _log.get("autoscale")
 
 # Recent decisions kept for statistics().
 DECISIONS_KEPT = 100

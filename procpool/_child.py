@@ -8,25 +8,32 @@ started). ``serve`` only calls ``.get()``/``.put()``, so a test can drive it wit
 
 from __future__ import annotations
 
+import _pickle as pickle  # the C pickler, as in _messages (pickle.py itself imports re)
 import collections
 import faulthandler
-import inspect
 import os
-import pickle
-import pkgutil
+import select
 import signal
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable
-from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from types import CoroutineType, GeneratorType
 
 from procpool import _messages as m
 from procpool import _shm
 from procpool._messages import BEAT, CANCEL, CANCEL_RING, CURRENT, RESULT_ACK
-from procpool.errors import SerializationError
+
+# typing.TYPE_CHECKING without importing typing (nor procpool.errors, imported where raised):
+# every worker imports this module.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+
+    class _Queue(Protocol):
+        def get(self) -> Any: ...
+        def put(self, data: Any) -> None: ...
+
 
 # prctl option: orphaned descendants are re-parented to this process instead of init (Linux).
 PR_SET_CHILD_SUBREAPER = 36
@@ -34,29 +41,26 @@ PR_SET_CHILD_SUBREAPER = 36
 REAP_EVERY_NS = 1_000_000_000
 
 # Set in a worker process only.
+# The worker's process name ("procpool-<worker id>") where procpool's fork server started it; a
+# worker started by spawn has it as multiprocessing.current_process().name instead.
+process_name: str | None = None
 _state: Any = None
 _handler: Callable[..., Any] | None = None
 _loop: Any = None
 _subreaper = False
 
 
-class _Queue(Protocol):
-    def get(self) -> Any: ...
-    def put(self, data: Any) -> None: ...
-
-
 class ConnectionQueue:
-    """A one-way ``multiprocessing`` Pipe end used as a queue of message bodies.
+    """One end of a one-way ``multiprocessing`` Pipe (its descriptor) as a queue of bodies.
 
     It speaks Connection's wire format on the raw descriptor: one read takes every call the
     parent has written (a batch of tiny tasks costs one syscall, not two per task), and a body
     goes out with its header in one ``writev``, large buffers without being joined first.
     """
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn  # owns the descriptor
-        self.fd = conn.fileno()
-        self._frames = m.FrameReader(self.fd)
+    def __init__(self, fd: int) -> None:
+        self.fd = fd  # the worker's for its whole life
+        self._frames = m.FrameReader(fd)
         self._bodies: collections.deque[Any] = collections.deque()
 
     def get(self) -> Any:
@@ -101,12 +105,20 @@ def run_chunk(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], by
     for item in items:
         try:
             value = fn(item)
-            if type(value) not in plain and inspect.isawaitable(value):
+            if type(value) not in plain and isawaitable(value):
                 value = _run_coroutine(value)
         except BaseException as exc:
             return out, m.encode_error(exc)
         out.append(value)
     return out, None
+
+
+def isawaitable(value: Any) -> bool:
+    """``inspect.isawaitable`` without importing inspect in every worker."""
+    if isinstance(value, (CoroutineType, Awaitable)):
+        return True
+    # A generator-based coroutine (types.coroutine): the flag inspect checks, CO_ITERABLE_COROUTINE.
+    return isinstance(value, GeneratorType) and bool(value.gi_code.co_flags & 0x100)
 
 
 def _run_coroutine(coro: Any) -> Any:
@@ -148,14 +160,18 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Aren
                 else:  # buffers are copied out of the arena here: the task owns what it gets
                     fn, args, kwargs = m.loads(memoryview(data)[header_size:], arena.view if arena else None)
             except BaseException as exc:
+                from procpool.errors import SerializationError
+
                 raise SerializationError(f"the task could not be unpickled in the worker: {exc!r}") from exc
             del data
             result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
+            if isawaitable(result):
                 result = _run_coroutine(result)
             try:
                 out = dumps(result, limit)
             except BaseException as exc:
+                from procpool.errors import SerializationError
+
                 raise SerializationError(
                     f"the task's result ({type(result).__qualname__}) could not be pickled: {exc!r}"
                 ) from exc
@@ -275,13 +291,14 @@ def kill_descendants() -> None:
                 pass
 
 
-def _watch_parent(lifeline: Any) -> None:
+def _watch_parent(lifeline: int) -> None:
     """Kill every process its tasks started, then this worker and its process group, once the
     parent dies, even by SIGKILL: the lifeline pipe reads EOF then. Descendants are found by
     parentage (this worker is their subreaper), so one that left the session dies too."""
-    import multiprocessing.connection
-
-    multiprocessing.connection.wait([lifeline])
+    poller = select.poll()
+    poller.register(lifeline, select.POLLIN)
+    while not poller.poll():
+        pass
     try:
         kill_descendants()
     finally:
@@ -294,18 +311,19 @@ def received_fd(dup: Any) -> int:
 
 
 def main(
-    call_conn: Any,
-    result_conn: Any,
-    state: Any,
+    call_fd: int,
+    result_fd: int,
+    state_fd: int,
     handler_path: str | None,
     initializer: Callable[..., Any] | None,
     initargs: tuple[Any, ...],
     stack_fd: int | None,
-    lifeline: Any,
+    lifeline: int,
     arena_fd: int | None = None,
     arena_limit: int = 0,
 ) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process: its pipes, shared state, stack file, lifeline and arena
+    are descriptors (``_processes.PassFd``)."""
     global _state, _handler, _subreaper
     # Own process group: the parent can kill a task's whole process tree with one killpg, and
     # Ctrl-C in a terminal reaches the parent only, which then shuts the pool down in order.
@@ -320,15 +338,19 @@ def main(
         # A fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) writes the crashing stack
         # there too, so the task's WorkerCrashed can say where it died.
         faulthandler.enable(file=stack_fd, all_threads=True)
-    _state = state
-    calls = ConnectionQueue(call_conn)
-    results = ConnectionQueue(result_conn)
+    _state = state = m.map_state(state_fd)
+    calls = ConnectionQueue(call_fd)
+    results = ConnectionQueue(result_fd)
     try:
         if handler_path is not None:
+            import pkgutil
+
             _handler = pkgutil.resolve_name(handler_path)
         if initializer is not None:
             initializer(*initargs)
     except BaseException:
+        import traceback
+
         results.put(m.body(os.getpid(), m.INIT_FAILED, traceback.format_exc().encode()))
         return
     results.put(m.body(os.getpid(), m.READY))

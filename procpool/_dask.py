@@ -33,13 +33,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from procpool import POOL_SIZE, PoolState, PoolStatistics, TaskReport, _dask_worker
+from procpool import POOL_SIZE, PoolState, PoolStatistics, TaskReport, _dask_worker, _log
 from procpool._config import check_seconds, handler_path
 from procpool._dask_link import ClusterLink
 from procpool._dask_slots import DaskTask, DaskWorker, check_open, pickle_call, pool_health, prompt_call
@@ -53,7 +52,7 @@ from procpool.errors import BrokenPool, PoolClosed, PoolFull
 
 __all__ = ("DaskPool",)
 
-log = logging.getLogger("procpool.dask")
+log = _log.get("dask")
 
 # Tasks waiting for a worker, per pool (as a local pool's max_pending).
 DEFAULT_MAX_PENDING = 100_000

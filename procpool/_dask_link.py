@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import distributed
 
-from procpool import POOL_SIZE, _dask_worker
+from procpool import POOL_SIZE, _dask_worker, _log
 from procpool._dask_slots import DaskWorker, SlotState
 from procpool.errors import BrokenPool
 
 __all__ = ("ClusterLink",)
 
-log = logging.getLogger("procpool.dask")
+log = _log.get("dask")
 
 # How often the supervisor pings the scheduler and re-finds the slots' workers, when no worker
 # event wakes it earlier. Bounds how late a silent scheduler loss is noticed (plus PING_TIMEOUT).

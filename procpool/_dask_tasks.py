@@ -22,7 +22,6 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import logging
 import pickle
 import time
 import uuid
@@ -31,7 +30,7 @@ from typing import Any, cast
 
 import distributed
 
-from procpool import Health, PoolStatistics, _retry
+from procpool import Health, PoolStatistics, _log, _retry
 from procpool._dask_link import ClusterLink
 from procpool._dask_slots import DaskTask, DaskWorker, SlotState
 from procpool._dispatch import PendingQueue
@@ -43,7 +42,7 @@ from procpool.errors import BrokenPool, PoisonTask, SerializationError, TaskTime
 
 __all__ = ("TaskBook",)
 
-log = logging.getLogger("procpool.dask")
+log = _log.get("dask")
 
 
 class TaskBook:

@@ -24,12 +24,11 @@ import bisect
 import collections
 import contextlib
 import itertools
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from procpool import _retry
+from procpool import _log, _retry
 from procpool._config import PoolConfig
 from procpool._messages import CANCEL_RING
 from procpool._monitor import KILL_GRACE
@@ -40,7 +39,7 @@ from procpool.errors import PoisonTask, PoolFull, TaskTimeout, task_error
 
 __all__ = ("Dispatcher", "PendingQueue")
 
-log = logging.getLogger("procpool.pool")
+log = _log.get("pool")
 
 # How much queued work (in seconds of measured task time) a worker may hold beyond the task it
 # runs. Tiny tasks then travel many per syscall; tasks over ~2 ms are sent one at a time, so a

@@ -13,7 +13,6 @@ import concurrent.futures
 import contextvars
 import functools
 import itertools
-import logging
 import pickle
 import threading
 import time
@@ -22,13 +21,14 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
+from procpool import _log
 from procpool._manager import PoolManager
 from procpool._pool import POOL_SIZE, WorkerPool
 from procpool.errors import BrokenPool, NoPoolAvailable, PoolClosed, SerializationError
 
 __all__ = ()
 
-log = logging.getLogger("procpool.executor")
+log = _log.get("executor")
 
 P = ParamSpec("P")
 T = TypeVar("T")

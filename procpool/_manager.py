@@ -29,12 +29,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
-import logging
 import weakref
 from typing import Any
 
 import attrs
 
+from procpool import _log
 from procpool._autoscale import AutoscalePolicy, Autoscaler
 from procpool._backends import build_pool
 from procpool._protocol import PoolLike
@@ -60,7 +60,7 @@ __all__ = (
     "prefer_healthy",
 )
 
-log = logging.getLogger("procpool.manager")
+log = _log.get("manager")
 
 
 class _State(enum.Enum):

@@ -14,26 +14,61 @@ instances, and this is the hot path.
 
 from __future__ import annotations
 
+# _pickle: the C pickler, which the pickle module re-exports. pickle.py adds a pure-Python
+# fallback and imports re: a few ms more at every worker's start (its fork server imports this).
+import _pickle as pickle
+import mmap
 import os
-import pickle
 import struct
-import traceback
 from collections.abc import Callable
-from typing import Any
 
 from procpool import _shm
-from procpool.errors import RemoteTraceback, SerializationError
+
+# typing.TYPE_CHECKING without importing typing; procpool.errors is imported where an error is
+# raised: every worker imports this module, and neither is needed to run a task.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ()
 
-# Layout of the small array each worker shares with the parent
-# (multiprocessing.RawArray("q", STATE_SIZE)); the parent reads it without a round trip.
+# Layout of the small array of int64 each worker process shares with the parent (an anonymous
+# file both map: ``new_state``, ``map_state``); the parent reads it without a round trip.
 CURRENT = 0  # seq of the task running now, 0 when idle
 BEAT = 1  # time.monotonic_ns() of the task's start or its last heartbeat()
 CANCEL = 2  # CANCEL_RING slots: seq of a committed task cancelled before it started
 CANCEL_RING = 512
 RESULT_ACK = CANCEL + CANCEL_RING  # seq of the last result whose shared-memory buffers the parent copied
 STATE_SIZE = RESULT_ACK + 1
+
+
+def new_state() -> tuple[int, memoryview]:
+    """A fresh shared state for one worker process: its file (for the child) and the parent's
+    view of it, STATE_SIZE int64 slots, all 0. The kernel frees it with its last mapping."""
+    try:
+        fd = os.memfd_create("procpool-state", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # pragma: no cover - no memfd: an unlinked file
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    try:
+        os.ftruncate(fd, STATE_SIZE * 8)
+        return fd, map_state(fd, close=False)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def map_state(fd: int, close: bool = True) -> memoryview:
+    """The shared state in file ``fd`` as a view of STATE_SIZE int64 (the mapping lives as long
+    as the view); ``fd`` is closed unless ``close`` is False."""
+    try:
+        return memoryview(mmap.mmap(fd, STATE_SIZE * 8)).cast("q")
+    finally:
+        if close:
+            os.close(fd)
+
 
 # parent -> child
 CALL = 1  # payload: pickle of (fn, args, kwargs)
@@ -296,6 +331,8 @@ def dumps(
             return pickle.dumps(obj, 5)
     message = OutOfBand(data, buffers, flags)
     if message.nbytes > limit:
+        from procpool.errors import SerializationError
+
         mib = 1024 * 1024
         raise SerializationError(
             f"its buffers add up to {message.nbytes / mib:.1f} MiB, over the shared-memory limit of "
@@ -373,9 +410,11 @@ def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
         if scalars:  # no buffer can hide in these: skip the out-of-band machinery
             return pickle.dumps((fn, args, kwargs), 5)
         return dumps((fn, sent_args, sent_kwargs), own=own)
-    except SerializationError as exc:
-        raise SerializationError(f"cannot send the task to a worker: {exc}") from None
     except Exception as exc:
+        from procpool.errors import SerializationError
+
+        if isinstance(exc, SerializationError):
+            raise SerializationError(f"cannot send the task to a worker: {exc}") from None
         culprit = _find_unpicklable(fn, args, kwargs)
         hint = ""
         if culprit.startswith("the function"):
@@ -389,7 +428,7 @@ def _find_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     candidates += [(f"keyword argument {k!r} ({type(v).__qualname__})", v) for k, v in kwargs.items()]
     for label, obj in candidates:
         try:
-            pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+            pickle.dumps(obj, 5)
         except Exception:
             return label
     return "the call"
@@ -401,19 +440,23 @@ def encode_error(exc: BaseException) -> bytes:
     Whatever the exception does when formatted or pickled (its ``__str__`` or ``__reduce__`` may
     raise, even SystemExit), the worker survives and the parent gets an answer.
     """
+    import traceback  # here, not in every worker's start
+
     try:
         tb = "".join(traceback.format_exception(exc))
     except BaseException as err:
         tb = f"{type(exc).__qualname__} (its traceback could not be formatted: {type(err).__qualname__})"
     try:
-        exc_bytes: bytes | None = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+        exc_bytes: bytes | None = pickle.dumps(exc, 5)
     except BaseException:
         exc_bytes = None
-    return pickle.dumps((type(exc).__qualname__, tb, exc_bytes), pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((type(exc).__qualname__, tb, exc_bytes), 5)
 
 
 def decode_error(payload: bytes) -> BaseException:
     """Rebuild a task's exception from an ERROR payload, the remote traceback as its cause."""
+    from procpool.errors import RemoteTraceback, SerializationError
+
     name, tb, exc_bytes = pickle.loads(payload)
     exc: BaseException
     if exc_bytes is None:

@@ -10,7 +10,6 @@ kill with a typed error that carries the evidence, or (``replace_stuck=False``) 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import time
@@ -18,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from procpool import _log
 from procpool import _processes as proc
 from procpool._config import PoolConfig
 from procpool._stats import Counters
@@ -27,7 +27,7 @@ from procpool.errors import MemoryLimitExceeded, WorkerCrashed, WorkerStuck
 
 __all__ = ("KILL_GRACE", "Monitor")
 
-log = logging.getLogger("procpool.monitor")
+log = _log.get("monitor")
 
 # How often the monitor samples the workers with psutil (capped by stuck_after / 4).
 MONITOR_INTERVAL = 0.5

@@ -1,32 +1,39 @@
 """Worker processes at the level of the operating system: start arguments, liveness, kills.
 
 Nothing here knows about tasks or pools. It holds what the parent needs to start a worker
-process that cannot outlive it (the lifeline), to tell a worker's death from its fork server's
-(pidfd, sentinel at end of file), to hand a worker an anonymous file, and to kill a process tree.
+process that cannot outlive it (the lifeline), through procpool's fork server (``ForkServer``,
+``ForkServerProcess``; the server's own code is ``procpool._forkserver``) or spawn, to tell a
+worker's death from its fork server's (pidfd, sentinel at end of file), to hand a worker an
+anonymous file, and to kill a process tree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import multiprocessing.connection
-import multiprocessing.forkserver
+import multiprocessing.context
+import multiprocessing.popen_fork
+import multiprocessing.process
 import multiprocessing.reduction
 import multiprocessing.spawn
+import multiprocessing.util
 import os
+import pickle
 import select
 import signal
+import socket
 import sys
 import tempfile
 import termios
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from procpool import _child, _shm
+from procpool import _child, _forkserver, _shm
 
 if TYPE_CHECKING:
     # Imported where it is used: a main module importing WorkerPool is also imported by the fork
@@ -55,24 +62,22 @@ class Launch:
     shm_limit: int = attrs.field(factory=_shm.limit_from_env)
 
 
-_lifeline: Any = None
+_lifeline = -1
 _lifeline_write_fd = -1
 
 
-def lifeline() -> Any:
+def lifeline() -> int:
     """The read end of a pipe whose write end only this process holds, for workers to watch.
 
-    It reads EOF when this process dies, however it dies. multiprocessing's own parent sentinel
-    cannot serve: under forkserver every child also holds the server's liveness pipe, so the
-    server and its children keep each other alive after the parent is gone. The write end is
+    It reads EOF when this process dies, however it dies. A worker's parent is the fork server,
+    so no parent sentinel of multiprocessing's could tell it that this process died. The write end is
     close-on-exec (os.pipe's default) and closed in any plain fork of this process (a fork-context
     multiprocessing.Process, os.fork), so no helper of the parent keeps the workers alive.
     """
     global _lifeline, _lifeline_write_fd
-    if _lifeline is None:
-        read_fd, _lifeline_write_fd = os.pipe()  # the write end stays open, unused, until we exit
-        os.set_inheritable(_lifeline_write_fd, False)
-        _lifeline = multiprocessing.connection.Connection(read_fd, writable=False)
+    if _lifeline < 0:
+        # The write end stays open, unused, until this process exits (both are close-on-exec).
+        _lifeline, _lifeline_write_fd = os.pipe()
     return _lifeline
 
 
@@ -85,12 +90,12 @@ def _drop_lifeline_in_child() -> None:
         except OSError:
             pass
         _lifeline_write_fd = -1
-    if _lifeline is not None:
+    if _lifeline >= 0:
         try:
-            _lifeline.close()
+            os.close(_lifeline)
         except OSError:
             pass
-        _lifeline = None
+        _lifeline = -1
 
 
 if hasattr(os, "register_at_fork"):
@@ -146,68 +151,185 @@ def at_eof(fd: int) -> bool:
     return int.from_bytes(pending, sys.byteorder) == 0
 
 
-def fork_server_pid() -> int | None:
-    server = getattr(multiprocessing.forkserver, "_forkserver", None)
-    return getattr(server, "_forkserver_pid", None)
+class ForkServerGone(ConnectionError):
+    """The fork server died before it could start a worker (a new one is started on the next try)."""
 
 
-# What the fork server imports before it forks a worker, and the variable through which it learns
-# the parent's main module (procpool._forkserver reads it; no string import, so the name is here).
-FORK_SERVER_PRELOAD = ["procpool._forkserver"]
-FORK_SERVER_ENV = "_PROCPOOL_FORKSERVER_MAIN"
+class ForkServer:
+    """The parent's end of procpool's fork server (``procpool._forkserver``), a child of it.
 
-
-def start_fork_server(ctx: Any) -> None:
-    """Start multiprocessing's fork server, unless one runs, so that it imports procpool's
-    worker code and this process's main module once, before it forks any worker.
-
-    Without it each worker would run the main module again (with everything it imports) as it
-    starts: multiprocessing's own ``"__main__"`` preload does nothing on Python 3.11 to 3.13.7.
-    The main module is described in an environment variable, set only while the server is
-    spawned (``procpool._forkserver`` removes it there).
+    It is started as ``python -c`` with the parent's interpreter flags and ``sys.path``, and
+    serves this process until its socket closes. Starting a worker (``launch``) blocks until the
+    server has forked it: the first time, until the server has started (about 15 ms here).
     """
-    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
-    if fork_server_pid() is not None:
-        return  # running (or dead and not yet noticed: multiprocessing restarts it plainly)
-    data = multiprocessing.spawn.get_preparation_data("procpool-fork-server")
-    main = {
-        "ppid": os.getpid(),
-        "sys_path": data.get("sys_path"),
-        "argv": data.get("sys_argv"),
-        "main_path": data.get("init_main_from_path"),
-        "main_name": data.get("init_main_from_name"),
-    }
-    try:
-        os.environ[FORK_SERVER_ENV] = json.dumps(main)
-    except (TypeError, ValueError):  # pragma: no cover - a sys.path or argv entry json cannot hold
-        pass
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        os.environ.pop(FORK_SERVER_ENV, None)
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        code = f"import sys; sys.path[:] = {sys.path!r}; from procpool._forkserver import main; main({theirs.fileno()})"
+        exe = multiprocessing.spawn.get_executable()
+        args = [exe, *multiprocessing.util._args_from_interpreter_flags(), "-c", code]  # type: ignore[attr-defined]
+        try:
+            self.pid: int = multiprocessing.util.spawnv_passfds(os.fsencode(exe), args, [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._socket = ours
+        self._lock = threading.Lock()
+
+    def launch(self, fds: list[int]) -> tuple[int, int, int]:
+        """Ask for a worker that inherits ``fds``: its pid, the read end of its status pipe (the
+        sentinel) and the write end of the pipe its start spec goes through."""
+        status_r, status_w = os.pipe()
+        data_r, data_w = os.pipe()
+        try:
+            with self._lock:
+                socket.send_fds(self._socket, [b"L"], [status_w, data_r, *fds])
+            os.close(status_w)
+            status_w = -1
+            pid = _read_signed(status_r)
+        except (OSError, EOFError) as exc:
+            for fd in (status_r, status_w, data_w):
+                if fd >= 0:
+                    os.close(fd)
+            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone: {exc!r}") from exc
+        finally:
+            os.close(data_r)
+        return pid, status_r, data_w
+
+    def close(self) -> None:
+        """Close this end: the server exits once it reads EOF."""
+        self._socket.close()
+
+
+def _read_signed(fd: int) -> int:
+    data = b""
+    while len(data) < _forkserver.SIGNED.size:
+        chunk = os.read(fd, _forkserver.SIGNED.size - len(data))
+        if not chunk:
+            raise EOFError("the status pipe closed")
+        data += chunk
+    value: int = _forkserver.SIGNED.unpack(data)[0]
+    return value
+
+
+class ForkServerPopen(multiprocessing.popen_fork.Popen):
+    """A worker process forked by procpool's fork server, with multiprocessing's Popen interface
+    (``multiprocessing.popen_forkserver``'s semantics: the exit code comes through the sentinel
+    pipe, and 255 when the pipe closed without one, that is when the server died)."""
+
+    method = "forkserver"
+    DupFd = _forkserver.InheritedFd
+
+    def __init__(self, process_obj: Any) -> None:
+        self._fds: list[int] = []
+        super().__init__(process_obj)
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self._fds.append(fd)
+        return len(self._fds) - 1
+
+    def _launch(self, process_obj: Any) -> None:
+        prep = multiprocessing.spawn.get_preparation_data(process_obj.name)
+        where = pickle.dumps(
+            {
+                "name": process_obj.name,
+                "sys_path": prep["sys_path"],
+                "argv": prep["sys_argv"],
+                "cwd": prep.get("dir"),
+                "main_path": prep.get("init_main_from_path"),
+                "main_name": prep.get("init_main_from_name"),
+            }
+        )
+        multiprocessing.context.set_spawning_popen(self)  # type: ignore[arg-type]
+        try:
+            run = multiprocessing.reduction.ForkingPickler.dumps(
+                (process_obj._target, process_obj._args, process_obj._kwargs)
+            )
+        finally:
+            multiprocessing.context.set_spawning_popen(None)
+        self.pid, self.sentinel, data_w = fork_server().launch(self._fds)
+        self.finalizer = multiprocessing.util.Finalize(self, os.close, (self.sentinel,))
+        try:
+            with open(data_w, "wb", closefd=True) as f:
+                f.write(_forkserver.SIGNED.pack(len(where)) + where)
+                f.write(run)
+        except OSError:  # the child died before reading it: its exit status tells
+            pass
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        if self.returncode is None:
+            if flag == os.WNOHANG and not readable(self.sentinel):
+                return None
+            try:
+                self.returncode = _read_signed(self.sentinel)
+            except (OSError, EOFError):
+                self.returncode = 255
+        returncode: int | None = self.returncode
+        return returncode
+
+
+class ForkServerProcess(multiprocessing.process.BaseProcess):
+    """A ``multiprocessing.Process`` that procpool's fork server starts."""
+
+    _start_method = "forkserver"
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> ForkServerPopen:
+        return ForkServerPopen(process_obj)
+
+
+_server: ForkServer | None = None
+_server_lock = threading.Lock()
+
+
+def fork_server() -> ForkServer:
+    """This process's fork server, started if none runs."""
+    global _server
+    with _server_lock:
+        if _server is None:
+            # A worker importing its main module (a task defined there) must not start pools of
+            # its own: multiprocessing's bootstrapping-phase RuntimeError, as for a Process.
+            multiprocessing.spawn._check_not_importing_main()  # type: ignore[attr-defined]
+            _server = ForkServer()
+        return _server
+
+
+def fork_server_pid() -> int | None:
+    server = _server
+    return None if server is None else server.pid
+
+
+def start_fork_server() -> None:
+    """Start the fork server now, unless one runs (a pool does it first, so that the server's
+    interpreter starts while the pool sets its slots up)."""
+    fork_server()
+
+
+def _forget_server_in_child() -> None:
+    """After a plain fork: the server is the parent's; a pool made here starts its own."""
+    global _server, _server_lock
+    server, _server, _server_lock = _server, None, threading.Lock()
+    if server is not None:
+        server.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_server_in_child)
 
 
 def forget_fork_server(pid: int | None, loop: Any) -> bool:
-    """Make multiprocessing start a new fork server on the next start.
-
-    ``ensure_running()`` restarts a server only once ``waitpid`` shows it dead, and a server that
-    has just closed its socket is not a zombie yet: a start in that moment fails with
-    ConnectionRefusedError. Forget the server (``pid``, or whichever it is when None) as
-    ``ensure_running()`` does for a dead one, and reap it from the loop without blocking.
-    """
-    server: Any = getattr(multiprocessing.forkserver, "_forkserver", None)
-    lock = getattr(server, "_lock", None)
-    if lock is None:  # pragma: no cover - another multiprocessing
-        return False
-    with lock:
-        current = getattr(server, "_forkserver_pid", None)
-        if current is None or (pid is not None and current != pid):
+    """Start a new fork server on the next start instead of server ``pid`` (whichever runs when
+    None), which has died or is dying, and reap it from the loop without blocking."""
+    global _server
+    with _server_lock:
+        server = _server
+        if server is None or (pid is not None and server.pid != pid):
             return False
-        alive_fd = server._forkserver_alive_fd
-        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
-    if alive_fd is not None:
-        os.close(alive_fd)
-    _reap_server(current, loop, 0.001, time.monotonic() + 60)
+        _server = None
+    server.close()
+    _reap_server(server.pid, loop, 0.001, time.monotonic() + 60)
     return True
 
 
@@ -229,45 +351,40 @@ def grow_pipe(fd: int) -> None:
         pass
 
 
-def start_worker(launch: Launch, shared: Any, name: str) -> tuple[Any, Any, Any, int | None, int | None]:
+def start_worker(launch: Launch, state_fd: int, name: str) -> tuple[Any, Any, Any, int | None, int | None]:
     """Start a worker process; return it, the parent's ends of its call and result pipes, the
     anonymous file its faulthandler writes stacks to and its shared-memory arena (None where
     none could be made or shared memory is off)."""
     ctx = launch.ctx
     forkserver = ctx.get_start_method() == "forkserver"
-    if forkserver:
-        start_fork_server(ctx)
     call_r, call_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     grow_pipe(call_w.fileno())
     grow_pipe(result_r.fileno())
     stack_fd = anonymous_file()
     arena_fd = _shm.create(launch.shm_limit) if launch.shm_limit > 0 else None
-    process = ctx.Process(
-        target=_child.main,
-        args=(
-            call_r,
-            result_w,
-            shared,
-            launch.handler,
-            launch.initializer,
-            launch.initargs,
-            None if stack_fd is None else PassFd(stack_fd),
-            lifeline(),
-            None if arena_fd is None else PassFd(arena_fd),
-            launch.shm_limit,
-        ),
-        name=name,
+    args = (
+        PassFd(call_r.fileno()),
+        PassFd(result_w.fileno()),
+        PassFd(state_fd),
+        launch.handler,
+        launch.initializer,
+        launch.initargs,
+        None if stack_fd is None else PassFd(stack_fd),
+        PassFd(lifeline()),
+        None if arena_fd is None else PassFd(arena_fd),
+        launch.shm_limit,
     )
+    process_type = ForkServerProcess if forkserver else ctx.Process
+    process = process_type(target=_child.main, args=args, name=name)
     try:
         try:
             process.start()
-        except (ConnectionRefusedError, FileNotFoundError):
-            # The fork server died a moment ago; multiprocessing still trusts it until the
-            # kernel has made it a zombie. Forget it, so that a new one starts now.
-            if not forkserver or not forget_fork_server(None, launch.loop):
-                raise
-            start_fork_server(ctx)
+        except ForkServerGone:
+            # The fork server died a moment ago, before the pool noticed: forget it, so that a
+            # new one starts now.
+            forget_fork_server(None, launch.loop)
+            process = process_type(target=_child.main, args=args, name=name)
             process.start()
     except BaseException:
         call_w.close()

@@ -26,7 +26,6 @@ import asyncio
 import atexit
 import enum
 import itertools
-import logging
 import math
 import multiprocessing
 import sys
@@ -35,6 +34,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from procpool import _log
 from procpool import _processes as proc
 from procpool._config import PoolConfig
 from procpool._dispatch import Dispatcher
@@ -46,7 +46,7 @@ from procpool.errors import BrokenPool, PoolClosed, WorkerCrashed, describe_exit
 
 __all__ = ("POOL_SIZE", "PoolState", "Supervisor")
 
-log = logging.getLogger("procpool.pool")
+log = _log.get("pool")
 
 POOL_SIZE = 3
 # Workers that die before Ready this many times in a row make the pool BROKEN.
@@ -144,8 +144,8 @@ class Supervisor:
             try:
                 if config.start_method == "forkserver":
                     # First, so that the fork server (a fresh interpreter, importing the workers'
-                    # code and the main module once) starts while the slots set up.
-                    proc.start_fork_server(ctx)
+                    # code once) starts while the slots set up.
+                    proc.start_fork_server()
                 for worker in self.workers:
                     self._spawn(worker)
             except BaseException:

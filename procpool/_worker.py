@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import logging
 import os
 import pickle
 import signal
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from procpool import _log
 from procpool import _messages as m
 from procpool import _processes as proc
 from procpool._channel import Channel
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ("Worker", "WorkerEvents", "WorkerExit", "WorkerState")
 
-log = logging.getLogger("procpool.worker")
+log = _log.get("worker")
 
 # Collecting a dead worker's exit status: first retry after this many seconds (doubling up to
 # 0.1 s); a process that closed its sentinel but lives on is killed after REAP_PATIENCE seconds.
@@ -175,14 +175,13 @@ class Worker:
     def spawn(self, launch: proc.Launch) -> None:
         """Start a fresh process in this slot with fresh pipes; Ready arrives later."""
         loop = self._loop = launch.loop
-        if self.shared is None:
-            self.shared = launch.ctx.RawArray("q", m.STATE_SIZE)
-        else:
-            for i in range(m.STATE_SIZE):
-                self.shared[i] = 0
-        process, call_w, result_r, stack_fd, arena_fd = proc.start_worker(
-            launch, self.shared, f"procpool-{self.worker_id}"
-        )
+        state_fd, self.shared = m.new_state()  # fresh for each process: all 0
+        try:
+            process, call_w, result_r, stack_fd, arena_fd = proc.start_worker(
+                launch, state_fd, f"procpool-{self.worker_id}"
+            )
+        finally:
+            os.close(state_fd)
         self.restarts += self._spawned
         self._spawned = True
         self._pidfd = proc.open_pidfd(process.pid)
@@ -228,6 +227,9 @@ class Worker:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+        if isinstance(self.shared, memoryview):
+            # Its last values stay readable; the mapping (and the descriptor mmap keeps) goes.
+            self.shared = self.shared.tolist()
         for conn in self._conns:
             conn.close()
         self._conns = ()

@@ -34,7 +34,6 @@ import collections
 import concurrent.futures
 import functools
 import itertools
-import logging
 import math
 import multiprocessing.context
 import os
@@ -43,7 +42,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from procpool import errors
+from procpool import _log, errors
 from procpool._executor_core import (
     P,
     T,
@@ -57,7 +56,7 @@ from procpool.errors import RemoteTraceback
 
 __all__ = ("Executor",)
 
-log = logging.getLogger("procpool.executor")
+log = _log.get("executor")
 
 
 def _check_positive_int(name: str, value: Any) -> int | None:

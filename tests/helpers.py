@@ -28,16 +28,26 @@ def pids_of(pool: WorkerPool) -> list[int]:
     return [w.pid for w in pool.workers if w.pid is not None]
 
 
-def assert_gone(pids: list[int], timeout: float = 10.0) -> None:
-    """Every pid has exited (zombies count as gone) within the deadline."""
+def processes(pids: list[int]) -> list[psutil.Process]:
+    """psutil handles for the pids that still exist."""
     procs = []
     for pid in pids:
         try:
             procs.append(psutil.Process(pid))
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    alive = [p for p in alive if _status(p) != psutil.STATUS_ZOMBIE]
+    return procs
+
+
+def lingering(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` that are alive and not zombies (one that is reaped meanwhile is gone)."""
+    return [p for p in procs if _status(p) != psutil.STATUS_ZOMBIE]
+
+
+def assert_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Every pid has exited (zombies count as gone) within the deadline."""
+    _, alive = psutil.wait_procs(processes(pids), timeout=timeout)
+    alive = lingering(alive)
     assert not alive, f"processes left behind: {alive}"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing.connection
-import multiprocessing.forkserver
 import os
 import signal
 import time
@@ -16,13 +15,13 @@ import pytest
 import tasks
 from helpers import all_healthy, wait_until
 
-from procpool import WorkerCrashed, WorkerPool
+from procpool import WorkerCrashed, WorkerPool, _processes
 
 pytestmark = pytest.mark.anyio
 
 
 def _server_pid() -> int:
-    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    pid = _processes.fork_server_pid()
     assert pid is not None
     return pid
 
@@ -55,7 +54,7 @@ async def test_the_fork_servers_death_costs_no_task(tmp_path, kill_a_worker_too)
             os.kill(victim_pid, signal.SIGKILL)
         await wait_until(lambda: _gone(server))
         # Every worker's status pipe has closed; let the pool see it before the tasks finish.
-        await wait_until(lambda: multiprocessing.forkserver._forkserver._forkserver_pid != server)
+        await wait_until(lambda: _processes.fork_server_pid() != server)
         gate.touch()
         results = await asyncio.gather(*futures, return_exceptions=True)
         if kill_a_worker_too:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tasks
-from helpers import all_healthy, assert_gone, pids_of, wait_until
+from helpers import all_healthy, assert_gone, lingering, pids_of, processes, wait_until
 
 import procpool._monitor
 from procpool import (
@@ -217,10 +217,8 @@ def test_workers_and_their_processes_die_with_a_killed_parent(tmp_path):
     finally:
         parent.kill()
         parent.wait()
-    _, alive = psutil.wait_procs(
-        family + [psutil.Process(p) for p in grandchildren if psutil.pid_exists(p)], timeout=2.0
-    )
-    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    _, alive = psutil.wait_procs(family + processes(grandchildren), timeout=2.0)
+    alive = lingering(alive)
     for proc in alive:  # clean up before failing
         proc.kill()
     assert not alive, f"left behind after the parent died: {alive}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tasks
-from helpers import all_healthy, wait_until
+from helpers import all_healthy, processes, wait_until
 
 from procpool import TaskTimeout, WorkerPool
 
@@ -59,16 +59,6 @@ PARENT = textwrap.dedent(
         asyncio.run(main())
     """
 )
-
-
-def _procs(pids: list[int]) -> list[psutil.Process]:
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    return procs
 
 
 def _wait_gone(procs: list[psutil.Process], timeout: float = 15.0) -> list[psutil.Process]:
@@ -117,14 +107,14 @@ def test_nothing_outlives_a_killed_parent(tmp_path, mode, sig):
     family: list[psutil.Process] = []
     try:
         info = json.loads(parent.stdout.readline())
-        family = _procs(info["workers"])
-        helper = _procs([info["helper"]] if info["helper"] else [])
+        family = processes(info["workers"])
+        helper = processes([info["helper"]] if info["helper"] else [])
         if mode in ("new-session", "daemon"):
             deadline = time.monotonic() + 30
             while not os.path.exists(pidfile):
                 assert time.monotonic() < deadline, "the task did not start its process"
                 time.sleep(0.02)
-            family += _procs([int(Path(pidfile).read_text())])
+            family += processes([int(Path(pidfile).read_text())])
         assert len(family) == (4 if mode in ("new-session", "daemon") else 3)
         parent.send_signal(sig)
         parent.wait(30)
@@ -146,7 +136,7 @@ async def test_a_double_forked_daemon_dies_with_its_tasks_timeout(tmp_path):
         async with WorkerPool() as pool:
             with pytest.raises(TaskTimeout):
                 await pool.apply(tasks.leave_daemon, (pidfile, 120, 120), timeout=3.0)
-            daemon = _procs([int(Path(pidfile).read_text())])
+            daemon = processes([int(Path(pidfile).read_text())])
             alive = _wait_gone(daemon)
             assert not alive, f"the task's daemon outlived its timeout: {alive}"
             await all_healthy(pool)
@@ -168,7 +158,7 @@ async def test_a_worker_adopts_and_reaps_the_orphans_its_tasks_leave(tmp_path):
             worker = next(w for w in pool.workers if not w.in_flight)
             await pool.apply(tasks.start_kept_child, (7,))
             pid = await pool.apply(tasks.leave_daemon, (pidfile, 1.0))
-            orphan = _procs([pid])
+            orphan = processes([pid])
             assert orphan, "the orphan exited too early for the test"
             assert orphan[0].ppid() == worker.pid, "the orphan was not adopted by its worker"
 
@@ -197,7 +187,7 @@ def test_a_killed_parent_leaves_no_files_behind(tmp_path):
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     family: list[psutil.Process] = []
     try:
-        family = _procs(json.loads(parent.stdout.readline())["workers"])
+        family = processes(json.loads(parent.stdout.readline())["workers"])
         parent.kill()
         parent.wait(30)
         assert not _wait_gone(family)

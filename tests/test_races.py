@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing.context
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import tasks
 from helpers import all_healthy, assert_gone, pids_of, wait_until
 
-from procpool import PoolClosed, TaskTimeout, WorkerPool
+from procpool import PoolClosed, TaskTimeout, WorkerPool, _processes
 
 pytestmark = pytest.mark.anyio
 
@@ -41,7 +40,7 @@ async def test_a_process_that_fails_to_start_once_is_retried_and_harms_nothing(m
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         async with WorkerPool() as pool:
-            real_start = multiprocessing.context.ForkServerProcess.start
+            real_start = _processes.ForkServerProcess.start
             failures = []
 
             def start_once_failing(self):
@@ -50,7 +49,7 @@ async def test_a_process_that_fails_to_start_once_is_retried_and_harms_nothing(m
                     raise OSError(11, "Resource temporarily unavailable")
                 return real_start(self)
 
-            monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", start_once_failing)
+            monkeypatch.setattr(_processes.ForkServerProcess, "start", start_once_failing)
             victim = pool.workers[0].pid
             os.kill(victim, signal.SIGKILL)
             assert await asyncio.wait_for(asyncio.gather(*(pool.submit(tasks.square, i) for i in range(30))), 15) == [

@@ -1,6 +1,6 @@
 """Start-up cost, pinned without timing (issue 13, cold start): what the fork server and the
-workers import, that the fork server imports the main module once, and that the lazy
-``procpool/__init__.py`` still exports every public name."""
+workers import, that a worker imports the main module only when a task needs it, and that the
+lazy ``procpool/__init__.py`` still exports every public name."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import procpool
-from procpool import _forkserver, _processes
 
 # Parent-side machinery the fork server and the workers never need.
 PARENT_ONLY = (
@@ -36,24 +35,20 @@ def _fresh(code: str, *args: str) -> str:
     return out.stdout
 
 
-def test_what_the_fork_server_preloads_imports_no_parent_machinery():
-    """Importing what the fork server preloads (and the package itself) pulls in none of the pool's
-    parent-side stack: no asyncio, ssl, psutil, attrs, manager, pool or process management."""
-    assert _processes.FORK_SERVER_PRELOAD == ["procpool._forkserver"]
-    assert _processes.FORK_SERVER_ENV == _forkserver.ENV
-    for preload in ("procpool", *_processes.FORK_SERVER_PRELOAD):
-        loaded = json.loads(
-            _fresh(
-                """
-                import importlib, json, sys
-                importlib.import_module(sys.argv[1])
-                print(json.dumps(sorted(sys.modules)))
-                """,
-                preload,
-            )
-        )
-        assert [m for m in PARENT_ONLY if m in loaded] == [], preload
+# Modules the fork server must not import: each costs milliseconds at every cold start (the
+# server imports procpool._forkserver before it can fork the first worker).
+HEAVY = ("typing", "logging", "concurrent.futures", "re", "inspect", "multiprocessing", "pickle", "traceback")
+
+
+def test_the_fork_server_imports_only_what_a_worker_runs():
+    """What the fork server imports (procpool._forkserver, with the package and the worker's
+    code) pulls in none of the pool's parent-side stack and none of the heavier standard modules
+    a worker does not need to start (beyond what the interpreter itself loaded)."""
+    code = "import importlib, json, sys\nimportlib.import_module(sys.argv[1])\nprint(json.dumps(sorted(sys.modules)))"
+    baseline = set(json.loads(_fresh(code, "os")))
+    loaded = set(json.loads(_fresh(code, "procpool._forkserver"))) - baseline
     assert "procpool._child" in loaded
+    assert [m for m in (*PARENT_ONLY, *HEAVY) if m in loaded] == []
 
 
 def test_importing_worker_pool_leaves_psutil_to_first_use():
@@ -113,19 +108,25 @@ SCRIPT = textwrap.dedent(
 
     with open({record!r}, "a") as f:
         f.write(json.dumps([__name__, os.getpid(), sys.argv[1:]]) + "\\n")
-    if {fail_in_server!r} and __name__ == "__mp_main__" and multiprocessing.current_process().name == "MainProcess":
-        raise RuntimeError("this main module fails in the fork server only")
+    if {fail_in_worker!r} and __name__ == "__mp_main__":
+        raise RuntimeError("this main module fails in a worker")
 
     def probe():
         loaded = [m for m in {parent_only!r} if m in sys.modules and m not in ("asyncio", "ssl")]
-        return os.getpid(), os.environ.get({env!r}), loaded
+        return os.getpid(), loaded
 
     async def main():
-        probes = []
+        report = {{"plain": [], "probes": [], "errors": []}}
         for _ in range(2):
             async with procpool.WorkerPool() as pool:
-                probes += await asyncio.gather(*[pool.apply(probe) for _ in range(6)])
-        print(json.dumps({{"probes": probes, "env": os.environ.get({env!r})}}))
+                report["plain"] += await asyncio.gather(*[pool.apply(os.getpid) for _ in range(6)])
+                for outcome in await asyncio.gather(*[pool.apply(probe) for _ in range(6)], return_exceptions=True):
+                    if isinstance(outcome, BaseException):
+                        report["errors"].append(f"{{type(outcome).__name__}}: {{outcome}}")
+                    else:
+                        report["probes"].append(outcome)
+                report["after"] = await pool.apply(os.getpid)
+        print(json.dumps(report))
 
     if __name__ == "__main__":
         asyncio.run(main())
@@ -133,14 +134,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run_script(tmp_path, fail_in_server):
+def _run_script(tmp_path, fail_in_worker):
     record = tmp_path / "runs.jsonl"
     script = tmp_path / "main_script.py"
-    script.write_text(
-        SCRIPT.format(
-            record=str(record), fail_in_server=fail_in_server, parent_only=PARENT_ONLY, env=_processes.FORK_SERVER_ENV
-        )
-    )
+    script.write_text(SCRIPT.format(record=str(record), fail_in_worker=fail_in_worker, parent_only=PARENT_ONLY))
     out = subprocess.run(
         [sys.executable, str(script), "an", "argument"], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
@@ -150,26 +147,62 @@ def _run_script(tmp_path, fail_in_server):
     return report, runs
 
 
-def test_the_fork_server_runs_the_main_module_once_for_every_worker(tmp_path):
-    """Six workers over two pools: the main module ran in the parent and once more, in the fork
-    server (with the parent's argv), never in a worker; the workers import none of the
-    parent-side machinery, and the variable that told the server about the main module is gone."""
-    report, runs = _run_script(tmp_path, fail_in_server=False)
-    assert report["env"] is None
-    assert [name for name, _, _ in runs] == ["__main__", "__mp_main__"]
+def test_a_worker_imports_the_main_module_only_when_a_task_needs_it(tmp_path):
+    """Tasks that need nothing from the main module never run it in a worker nor in the fork
+    server; a worker that gets a task defined there imports it once (as ``__mp_main__``, with
+    the parent's argv), and still none of the parent-side machinery."""
+    report, runs = _run_script(tmp_path, fail_in_worker=False)
+    parent = runs[0]
+    assert parent[0] == "__main__"
+    in_workers = runs[1:]
+    assert {name for name, _, _ in in_workers} == {"__mp_main__"}
     assert all(argv == ["an", "argument"] for _, _, argv in runs)
-    # (The main module imports asyncio, so the workers have it, and ssl with it.)
-    for pid, env, loaded in report["probes"]:
-        assert pid != runs[1][1] and env is None and loaded == [], (pid, env, loaded)
-    assert len({pid for pid, _, _ in report["probes"]}) >= 2
+    probed = {pid for pid, _ in report["probes"]}
+    # Once per worker that ran a probe, and only in those: the plain tasks imported nothing.
+    assert sorted(pid for _, pid, _ in in_workers) == sorted(probed)
+    assert report["errors"] == [] and len(report["probes"]) == 12
+    for pid, loaded in report["probes"]:
+        assert loaded == [], (pid, loaded)
 
 
-def test_a_main_module_that_fails_in_the_fork_server_is_imported_by_each_worker(tmp_path):
-    """If the main module raises in the fork server, the server lives on and each worker imports
-    the main module itself, as multiprocessing does without a preload: the pools still work."""
-    report, runs = _run_script(tmp_path, fail_in_server=True)
-    names = [name for name, _, _ in runs]
-    assert names[:2] == ["__main__", "__mp_main__"]
-    # One run per worker process after the server's failed one (six workers, two pools).
-    assert names.count("__mp_main__") == 1 + 6
-    assert len(report["probes"]) == 2 * 6
+def test_a_main_module_that_fails_in_a_worker_fails_only_the_tasks_that_need_it(tmp_path):
+    """If the main module raises when a worker imports it, each task defined there fails with a
+    SerializationError naming the error, and the same pools go on running every other task."""
+    report, _ = _run_script(tmp_path, fail_in_worker=True)
+    assert report["probes"] == [] and len(report["errors"]) == 12
+    assert all(e.startswith("SerializationError") and "fails in a worker" in e for e in report["errors"])
+    assert len(report["plain"]) == 12 and isinstance(report["after"], int)
+
+
+UNGUARDED = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    import procpool
+
+    def probe():
+        return os.getpid()
+
+    async def main():
+        async with procpool.WorkerPool() as pool:
+            try:
+                await pool.apply(probe)
+            except procpool.SerializationError as exc:
+                return {"error": str(exc), "after": await pool.apply(os.getpid)}
+            return {"error": None}
+
+    print(json.dumps(asyncio.run(main())))
+    """
+)
+
+
+def test_a_script_without_the_main_guard_fails_its_task_instead_of_starting_pools_in_workers(tmp_path):
+    """A script that starts its pool outside 'if __name__ == "__main__":' gets a clear error for
+    a task defined in it (multiprocessing's bootstrapping-phase error) instead of workers that
+    start pools of their own, and the pool goes on running other tasks."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["error"] is not None and "bootstrapping phase" in report["error"], report
+    assert isinstance(report["after"], int)

@@ -98,7 +98,8 @@ async def test_a_stopped_worker_reports_how_it_ended():
 
 
 def test_a_script_without_the_main_guard_is_told_what_to_do(tmp_path):
-    """A script that starts a pool without the __main__ guard gets BrokenPool naming the guard."""
+    """Under spawn (where each worker imports the main module as it starts), a script that starts
+    a pool without the __main__ guard gets BrokenPool naming the guard."""
     script = tmp_path / "noguard.py"
     script.write_text(
         textwrap.dedent(
@@ -107,7 +108,7 @@ def test_a_script_without_the_main_guard_is_told_what_to_do(tmp_path):
             from procpool import WorkerPool
 
             async def main():
-                async with WorkerPool() as pool:
+                async with WorkerPool(start_method="spawn") as pool:
                     print(await pool.apply(abs, (-3,)))
 
             asyncio.run(main())

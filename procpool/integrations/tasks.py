@@ -25,6 +25,8 @@ from typing import Any
 
 import attrs
 
+from procpool import _child
+
 __all__ = (
     "DEFAULT_TASK_HANDLER",
     "RUN_TASK",
@@ -65,7 +67,8 @@ class TaskContext:
 
 def current_worker_id() -> str | None:
     """The id of the worker slot this process is, or None outside a procpool worker."""
-    name = multiprocessing.current_process().name
+    # procpool's fork server names its workers there (it does not import multiprocessing in them).
+    name = _child.process_name or multiprocessing.current_process().name
     return name[len(_PROCESS_PREFIX) :] if name.startswith(_PROCESS_PREFIX) else None
 
 
