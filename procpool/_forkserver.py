@@ -29,6 +29,7 @@ do not depend on it: each watches the parent itself (its lifeline).
 from __future__ import annotations
 
 import _pickle as pickle  # the C pickler, as in _messages (pickle.py itself imports re)
+import ctypes  # noqa: F401 - every worker's start calls prctl and mallopt through it: once, here
 import os
 import select
 import signal
