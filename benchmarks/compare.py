@@ -41,6 +41,7 @@ from typing import Any
 import attrs
 import executor as executor_bench
 import psutil
+import workloads as w
 
 MEASURE = Path(__file__).resolve().with_name("measure.py")
 
@@ -522,6 +523,7 @@ def _peer_list(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison; print the table; return 0, or 1 if procpool failed or processes leaked."""
     args = parse_args(argv)
+    w.compile_procpool()  # the cold start measures an installed procpool, as for the peers
     repeat = args.repeat or (1 if args.quick else 3)
     base = QUICK_SIZES if args.quick else FULL_SIZES
     sizes = {k: max(MIN_SIZES[k], round(v * args.scale)) for k, v in base.items()}

@@ -158,14 +158,9 @@ IMPORTS = {
 
 def cold_start(tmp: Path) -> dict[str, float]:
     """procpool's cold start and second pool, and loky's and aiomultiprocess's where installed."""
-    import compileall
     import importlib.util
 
-    import procpool
-
-    # As an installed package is (pip compiles its bytecode): a checkout run with
-    # PYTHONDONTWRITEBYTECODE would otherwise compile procpool's modules in every fresh process.
-    compileall.compile_dir(str(Path(procpool.__file__).parent), quiet=1)
+    w.compile_procpool()
     figures: dict[str, float] = {}
     for lib, body in COLD.items():
         if lib != "procpool" and importlib.util.find_spec(lib) is None:

@@ -56,3 +56,15 @@ def _timed(fn, arg: int) -> float:
 def echo(value: object) -> object:
     """The payload sweep's task: the argument back, so it travels both ways."""
     return value
+
+
+def compile_procpool() -> None:
+    """Compile procpool's bytecode, as installing a package does (pip compiles it): a checkout
+    run with PYTHONDONTWRITEBYTECODE would otherwise compile its modules again in every fresh
+    process, and a cold start would measure the compiler (the peers are installed packages)."""
+    import compileall
+    from pathlib import Path
+
+    import procpool
+
+    compileall.compile_dir(str(Path(procpool.__file__).parent), quiet=1)
