@@ -10,6 +10,8 @@ anonymous file, and to kill a process tree.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import errno
 import fcntl
 import multiprocessing.connection
 import multiprocessing.context
@@ -154,13 +156,21 @@ def at_eof(fd: int) -> bool:
 class ForkServerGone(ConnectionError):
     """The fork server died before it could start a worker (a new one is started on the next try)."""
 
+    def __init__(self, message: str, server_pid: int) -> None:
+        super().__init__(message)
+        self.server_pid = server_pid
+
+
+# How long a start waits for the fork server's answer (the first, for the server to start).
+LAUNCH_TIMEOUT = 60.0
+
 
 class ForkServer:
     """The parent's end of procpool's fork server (``procpool._forkserver``), a child of it.
 
     It is started as ``python -c`` with the parent's interpreter flags and ``sys.path``, and
     serves this process until its socket closes. Starting a worker (``launch``) blocks until the
-    server has forked it: the first time, until the server has started (about 15 ms here).
+    server has forked it: the first time, until the server has started (about 20 ms here).
     """
 
     def __init__(self) -> None:
@@ -180,22 +190,40 @@ class ForkServer:
 
     def launch(self, fds: list[int]) -> tuple[int, int, int]:
         """Ask for a worker that inherits ``fds``: its pid, the read end of its status pipe (the
-        sentinel) and the write end of the pipe its start spec goes through."""
+        sentinel) and the write end of the pipe its start spec goes through.
+
+        ForkServerGone if the server is dead; OSError if it could not fork (its errno) or a
+        descriptor could not be sent.
+        """
+        if len(fds) + 2 > _forkserver.MAX_FDS:
+            raise OSError(
+                errno.EMSGSIZE,
+                f"procpool's fork server could not start a worker: its start arguments hold {len(fds)} "
+                f"descriptors, over the {_forkserver.MAX_FDS - 2} one request can pass (the pipes, "
+                "queues or files among initargs count)",
+            )
         status_r, status_w = os.pipe()
         data_r, data_w = os.pipe()
         try:
-            with self._lock:
-                socket.send_fds(self._socket, [b"L"], [status_w, data_r, *fds])
-            os.close(status_w)
-            status_w = -1
-            pid = _read_signed(status_r)
-        except (OSError, EOFError) as exc:
+            try:
+                with self._lock:
+                    socket.send_fds(self._socket, [b"L"], [status_w, data_r, *fds])
+                os.close(status_w)
+                status_w = -1
+                pid = _read_signed(status_r, LAUNCH_TIMEOUT)
+            finally:
+                os.close(data_r)
+        except BaseException as exc:
             for fd in (status_r, status_w, data_w):
                 if fd >= 0:
                     os.close(fd)
-            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone: {exc!r}") from exc
-        finally:
-            os.close(data_r)
+            if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
+                raise ForkServerGone(f"the fork server (pid {self.pid}) is gone: {exc!r}", self.pid) from exc
+            raise
+        if pid <= 0:  # the server's answer to a request it could not serve: -errno
+            for fd in (status_r, data_w):
+                os.close(fd)
+            raise OSError(-pid, f"procpool's fork server could not start a worker: {os.strerror(-pid)}")
         return pid, status_r, data_w
 
     def close(self) -> None:
@@ -203,9 +231,12 @@ class ForkServer:
         self._socket.close()
 
 
-def _read_signed(fd: int) -> int:
+def _read_signed(fd: int, timeout: float | None = None) -> int:
+    """One SIGNED value from a pipe; EOFError if it closes first (TimeoutError after ``timeout``)."""
     data = b""
     while len(data) < _forkserver.SIGNED.size:
+        if timeout is not None and not _wait_readable(fd, timeout):
+            raise TimeoutError(f"procpool's fork server did not answer within {timeout:g} s")
         chunk = os.read(fd, _forkserver.SIGNED.size - len(data))
         if not chunk:
             raise EOFError("the status pipe closed")
@@ -214,16 +245,24 @@ def _read_signed(fd: int) -> int:
     return value
 
 
+def _wait_readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 class ForkServerPopen(multiprocessing.popen_fork.Popen):
     """A worker process forked by procpool's fork server, with multiprocessing's Popen interface
     (``multiprocessing.popen_forkserver``'s semantics: the exit code comes through the sentinel
-    pipe, and 255 when the pipe closed without one, that is when the server died)."""
+    pipe; if the pipe closes without one, the server died: ``server_lost``, and exit code 255)."""
 
     method = "forkserver"
     DupFd = _forkserver.InheritedFd
 
     def __init__(self, process_obj: Any) -> None:
         self._fds: list[int] = []
+        self.server_pid: int | None = None  # the server that forked it
+        self.server_lost = False
         super().__init__(process_obj)
 
     def duplicate_for_child(self, fd: int) -> int:
@@ -235,6 +274,7 @@ class ForkServerPopen(multiprocessing.popen_fork.Popen):
         where = pickle.dumps(
             {
                 "name": process_obj.name,
+                "authkey": bytes(process_obj.authkey),
                 "sys_path": prep["sys_path"],
                 "argv": prep["sys_argv"],
                 "cwd": prep.get("dir"),
@@ -249,11 +289,13 @@ class ForkServerPopen(multiprocessing.popen_fork.Popen):
             )
         finally:
             multiprocessing.context.set_spawning_popen(None)
-        self.pid, self.sentinel, data_w = fork_server().launch(self._fds)
+        server = fork_server()
+        self.server_pid = server.pid
+        self.pid, self.sentinel, data_w = server.launch(self._fds)
         self.finalizer = multiprocessing.util.Finalize(self, os.close, (self.sentinel,))
         try:
             with open(data_w, "wb", closefd=True) as f:
-                f.write(_forkserver.SIGNED.pack(len(where)) + where)
+                f.write(_forkserver.HEADER.pack(len(where), len(run)) + where)
                 f.write(run)
         except OSError:  # the child died before reading it: its exit status tells
             pass
@@ -265,6 +307,7 @@ class ForkServerPopen(multiprocessing.popen_fork.Popen):
             try:
                 self.returncode = _read_signed(self.sentinel)
             except (OSError, EOFError):
+                self.server_lost = True
                 self.returncode = 255
         returncode: int | None = self.returncode
         return returncode
@@ -293,7 +336,12 @@ def fork_server() -> ForkServer:
             # its own: multiprocessing's bootstrapping-phase RuntimeError, as for a Process.
             multiprocessing.spawn._check_not_importing_main()  # type: ignore[attr-defined]
             _server = ForkServer()
+            atexit.register(_close_fork_server, _server)
         return _server
+
+
+def _close_fork_server(server: ForkServer) -> None:
+    server.close()
 
 
 def fork_server_pid() -> int | None:
@@ -308,11 +356,15 @@ def start_fork_server() -> None:
 
 
 def _forget_server_in_child() -> None:
-    """After a plain fork: the server is the parent's; a pool made here starts its own."""
+    """After a plain fork: the server and its workers are the parent's; a pool made here starts
+    its own (and multiprocessing's cleanup here must not read the parent's workers' exit codes)."""
     global _server, _server_lock
     server, _server, _server_lock = _server, None, threading.Lock()
     if server is not None:
         server.close()
+    children = multiprocessing.process._children  # type: ignore[attr-defined]
+    for child in [c for c in children if isinstance(c, ForkServerProcess)]:
+        children.discard(child)
 
 
 if hasattr(os, "register_at_fork"):
@@ -380,10 +432,10 @@ def start_worker(launch: Launch, state_fd: int, name: str) -> tuple[Any, Any, An
     try:
         try:
             process.start()
-        except ForkServerGone:
+        except ForkServerGone as exc:
             # The fork server died a moment ago, before the pool noticed: forget it, so that a
             # new one starts now.
-            forget_fork_server(None, launch.loop)
+            forget_fork_server(exc.server_pid, launch.loop)
             process = process_type(target=_child.main, args=args, name=name)
             process.start()
     except BaseException:

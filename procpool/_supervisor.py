@@ -419,7 +419,10 @@ class Supervisor:
         cause = f"worker {worker.worker_id} (pid {pid}) failed to start: {why or describe_exit(exitcode)}"
         if init_failure:
             cause += f"; {init_failure}"
+        elif exitcode is not None and self.config.start_method != "spawn":
+            cause += " (see the worker's traceback above in stderr)"
         elif exitcode is not None and getattr(sys.modules.get("__main__"), "__file__", None):
+            # Under spawn every worker imports the main module as it starts.
             cause += (
                 "; workers import the main module, so a script must start its pools only under "
                 "'if __name__ == \"__main__\":' (see the worker's traceback above in stderr)"

@@ -186,7 +186,7 @@ class Worker:
         self._spawned = True
         self._pidfd = proc.open_pidfd(process.pid)
         self._stack_fd = stack_fd
-        self._server_pid = proc.fork_server_pid() if launch.ctx.get_start_method() == "forkserver" else None
+        self._server_pid = getattr(process._popen, "server_pid", None)  # None under spawn
         self._orphaned = False
         # Only a started process fills the slot: a failed start leaves it empty (process None),
         # so the pool can count the failure and try again.
@@ -274,7 +274,7 @@ class Worker:
             return
         exitcode = process.exitcode  # a non-blocking poll
         if self._orphaned:
-            exitcode = None  # only the dead fork server could tell; multiprocessing says 255
+            exitcode = None  # only the dead fork server could tell (the Popen says 255)
         elif exitcode is None:
             waited = time.monotonic() - since
             if waited < REAP_PATIENCE + 1.0:
@@ -310,8 +310,9 @@ class Worker:
         """Whether the sentinel fired because the fork server died while the worker lives on.
 
         Under forkserver the sentinel is the server's status pipe: if the server dies it reads EOF
-        and multiprocessing says exit code 255, yet the worker runs on, keeping its tasks; its
-        pidfd then tells when it really dies. The dead server is forgotten, so a new one starts.
+        (the Popen says exit code 255 and ``server_lost``), yet the worker runs on, keeping its
+        tasks; its pidfd then tells when it really dies. The dead server is forgotten, so a new
+        one starts.
         """
         if self._server_pid is None or self._orphaned or self._sentinel is None:
             return False
@@ -319,9 +320,8 @@ class Worker:
             return False  # the server wrote the exit status: a real death
         # multiprocessing itself reads the status of dead children at every Process.start()
         # (its _cleanup()), so the pipe can be at EOF after a real death whose status it holds.
-        # (255 is what it records when the pipe was at EOF: the server's death, again.)
-        known = getattr(getattr(self.process, "_popen", None), "returncode", None)
-        if known is not None and known != 255:
+        popen = getattr(self.process, "_popen", None)
+        if getattr(popen, "returncode", None) is not None and not getattr(popen, "server_lost", False):
             return False
         self._orphaned = True
         if proc.forget_fork_server(self._server_pid, self._loop):

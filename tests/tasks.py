@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 
 def square(x: int) -> int:
@@ -341,3 +342,35 @@ def close_fd_linked_to(links: list[str], seconds: float, code: int) -> None:
             pass
     time.sleep(seconds)
     os._exit(code)
+
+
+def put_on(queue: Any, value: Any) -> Any:
+    """Put value on a queue passed as an argument (a multiprocessing Manager's proxy)."""
+    queue.put(value)
+    return value
+
+
+def multiprocessing_facts() -> tuple[str | None, str]:
+    """What multiprocessing says in a worker: its start method and the process's name."""
+    import multiprocessing
+
+    return multiprocessing.get_start_method(allow_none=True), multiprocessing.current_process().name
+
+
+def register_exit_marks(directory: str) -> int:
+    """Register an atexit handler and a multiprocessing finalizer that each leave a file when the
+    worker process ends."""
+    import atexit
+    import multiprocessing.util
+
+    atexit.register(Path(directory, "atexit").touch)
+    multiprocessing.util.Finalize(None, Path(directory, "finalizer").touch, exitpriority=0)
+    return os.getpid()
+
+
+_kept: list[Any] = []
+
+
+def keep_objects(*objects: Any) -> None:
+    """An initializer that keeps what it is given (pipe ends passed as initargs, say)."""
+    _kept.extend(objects)

@@ -5,9 +5,14 @@ server's death costs no task. Real processes and real signals."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import psutil
@@ -24,6 +29,16 @@ def _server_pid() -> int:
     pid = _processes.fork_server_pid()
     assert pid is not None
     return pid
+
+
+def _status_read_by_multiprocessing(worker, end) -> None:
+    """End the worker's process with ``end()``; before the event loop sees the death, wait
+    (blocking) for the fork server to write its exit status, then let multiprocessing's own
+    cleanup collect it, as every Process.start() does."""
+    sentinel = worker.process.sentinel
+    end()
+    assert multiprocessing.connection.wait([sentinel], timeout=30)
+    multiprocessing.active_children()
 
 
 def _running(pool: WorkerPool, n: int = 3) -> bool:
@@ -147,13 +162,148 @@ async def test_a_death_whose_status_multiprocessing_already_read_keeps_its_exit_
         future = pool.submit(tasks.slow_pid, 60)
         await wait_until(lambda: _running(pool, 1))
         worker = next(w for w in pool.workers if w.in_flight)
-        sentinel = worker.process.sentinel
-        os.kill(worker.pid, signal.SIGKILL)
-        # Before the event loop sees the death: wait (blocking) for the fork server to write the
-        # status, then let multiprocessing collect it, as every Process.start() does.
-        assert multiprocessing.connection.wait([sentinel], timeout=30)
-        multiprocessing.active_children()
+        _status_read_by_multiprocessing(worker, lambda: os.kill(worker.pid, signal.SIGKILL))
         with pytest.raises(WorkerCrashed) as info:
             await asyncio.wait_for(future, 30)
         assert info.value.exitcode == -signal.SIGKILL, str(info.value)
         await all_healthy(pool)
+
+
+# -- procpool's own fork server (issue 13, cold start), and what its review found ----------------
+
+HIGH_FDS = textwrap.dedent(
+    """
+    import asyncio, os, resource
+    import procpool
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # a busy server's sockets
+
+    async def main():
+        async with procpool.WorkerPool() as pool:
+            print(await pool.apply(abs, (-3,)))
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+    """
+)
+
+
+def test_a_parent_with_over_a_thousand_descriptors_open_starts_pools(tmp_path):
+    """The fork server works when the descriptor it is handed is numbered above 1023 (no select())."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1200:
+        pytest.skip("the hard descriptor limit is under 1200 here")
+    script = tmp_path / "high_fds.py"
+    script.write_text(HIGH_FDS)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr
+
+
+async def test_a_managers_proxy_among_a_tasks_arguments_works_in_the_worker():
+    """A worker has the parent's authkey, so a Manager's queue passed to a task connects; and
+    multiprocessing there says the worker's name and the forkserver start method."""
+    with multiprocessing.Manager() as manager:
+        queue = manager.Queue()
+        async with WorkerPool(start_method="forkserver") as pool:
+            assert await asyncio.wait_for(pool.apply(tasks.put_on, (queue, 42)), 60) == 42
+            method, name = await pool.apply(tasks.multiprocessing_facts)
+            assert queue.get(timeout=10) == 42
+            assert method == "forkserver"
+            assert name.startswith("procpool-") and name[len("procpool-") :] in {w.worker_id for w in pool.workers}
+
+
+async def test_a_plain_fork_of_the_parent_during_a_start_does_not_stall_the_worker(monkeypatch):
+    """A copy of the parent forked while a worker's start spec is being written (another thread's
+    os.fork) does not keep the worker waiting: it reads its spec by size, not to end of file."""
+    real_launch = _processes.ForkServer.launch
+    siblings: list[int] = []
+
+    def launch_then_someone_forks(self, fds):
+        out = real_launch(self, fds)
+        if not siblings:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            siblings.append(pid)
+        return out
+
+    monkeypatch.setattr(_processes.ForkServer, "launch", launch_then_someone_forks)
+    try:
+        async with WorkerPool(start_method="forkserver") as pool:
+            results = await asyncio.wait_for(asyncio.gather(*(pool.apply(abs, (-i,)) for i in range(30))), 20)
+            assert results == list(range(30))
+            await all_healthy(pool)
+    finally:
+        for pid in siblings:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+async def test_a_start_the_server_refuses_fails_with_its_reason_and_the_server_lives_on():
+    """Initargs holding 40 pipe ends start fine (up to the kernel's 253 descriptors a message); a
+    start over that fails at the call with a clear error, and the fork server is not taken for dead."""
+    pipes = [multiprocessing.Pipe() for _ in range(20)]
+    try:
+        async with WorkerPool(initializer=tasks.keep_objects, initargs=(pipes,)) as pool:
+            await all_healthy(pool)
+        server = _server_pid()
+        too_many = [multiprocessing.Pipe() for _ in range(130)]
+        pipes += too_many
+        with pytest.raises(OSError, match="could not start a worker: its start arguments hold 266 descriptors"):
+            async with WorkerPool(initializer=tasks.keep_objects, initargs=(too_many,)):
+                pass
+        assert _server_pid() == server and not _gone(server)
+    finally:
+        for a, b in pipes:
+            a.close()
+            b.close()
+
+
+async def test_a_worker_that_exits_255_is_not_taken_for_a_dead_fork_server(tmp_path):
+    """A worker's own exit code 255, read first by multiprocessing's cleanup, is reported as such
+    and the fork server that started it is kept."""
+    go = tmp_path / "go"
+    async with WorkerPool(start_method="forkserver") as pool:
+        server = _server_pid()
+        crash = pool.submit(tasks.wait_for_file_then_exit, str(go), 255)
+        await wait_until(lambda: _running(pool, 1))
+        worker = next(w for w in pool.workers if w.in_flight)
+        _status_read_by_multiprocessing(worker, lambda: go.write_text("go"))
+        with pytest.raises(WorkerCrashed) as info:
+            await asyncio.wait_for(crash, 30)
+        assert info.value.exitcode == 255, str(info.value)
+        assert _server_pid() == server
+        await all_healthy(pool)
+
+
+async def test_a_worker_runs_multiprocessing_finalizers_and_atexit_as_its_children_do(tmp_path):
+    """When a worker ends, multiprocessing's finalizers run, and atexit handlers too from Python
+    3.13 (as in multiprocessing's own children)."""
+    async with WorkerPool(start_method="forkserver") as pool:
+        await pool.apply(tasks.register_exit_marks, (str(tmp_path),))
+    await wait_until(lambda: (tmp_path / "finalizer").exists())
+    assert (tmp_path / "atexit").exists() == (sys.version_info >= (3, 13))
+
+
+MINUS_C = """
+import asyncio, procpool
+def main():
+    return "the script's own"
+async def run():
+    async with procpool.WorkerPool() as pool:
+        try:
+            print(await pool.apply(main))
+        except procpool.SerializationError as exc:
+            print("SerializationError", exc)
+asyncio.run(run())
+"""
+
+
+def test_a_function_of_a_python_c_parent_is_not_found_in_a_worker():
+    """A ``python -c`` parent's functions cannot reach a worker: the task fails with
+    SerializationError, and never runs a function of the fork server's own that has the same name."""
+    out = subprocess.run([sys.executable, "-c", MINUS_C], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("SerializationError"), out.stdout
