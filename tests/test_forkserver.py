@@ -203,7 +203,7 @@ def test_a_parent_with_over_a_thousand_descriptors_open_starts_pools(tmp_path):
 async def test_a_managers_proxy_among_a_tasks_arguments_works_in_the_worker():
     """A worker has the parent's authkey, so a Manager's queue passed to a task connects; and
     multiprocessing there says the worker's name and the forkserver start method."""
-    with multiprocessing.Manager() as manager:
+    with multiprocessing.get_context("spawn").Manager() as manager:
         queue = manager.Queue()
         async with WorkerPool(start_method="forkserver") as pool:
             assert await asyncio.wait_for(pool.apply(tasks.put_on, (queue, 42)), 60) == 42
@@ -213,6 +213,8 @@ async def test_a_managers_proxy_among_a_tasks_arguments_works_in_the_worker():
             assert name.startswith("procpool-") and name[len("procpool-") :] in {w.worker_id for w in pool.workers}
 
 
+# The fork is the point (its child only sleeps), threads or not.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 async def test_a_plain_fork_of_the_parent_during_a_start_does_not_stall_the_worker(monkeypatch):
     """A copy of the parent forked while a worker's start spec is being written (another thread's
     os.fork) does not keep the worker waiting: it reads its spec by size, not to end of file."""
