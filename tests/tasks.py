@@ -368,9 +368,9 @@ def register_exit_marks(directory: str) -> int:
     return os.getpid()
 
 
-_kept: list[Any] = []
+_initargs: list[Any] = []
 
 
 def keep_objects(*objects: Any) -> None:
     """An initializer that keeps what it is given (pipe ends passed as initargs, say)."""
-    _kept.extend(objects)
+    _initargs.extend(objects)

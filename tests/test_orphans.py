@@ -160,7 +160,9 @@ async def test_a_worker_adopts_and_reaps_the_orphans_its_tasks_leave(tmp_path):
             pid = await pool.apply(tasks.leave_daemon, (pidfile, 1.0))
             orphan = processes([pid])
             assert orphan, "the orphan exited too early for the test"
-            assert orphan[0].ppid() == worker.pid, "the orphan was not adopted by its worker"
+            # Adopted once its parent (the daemon's first fork) has exited, a moment after it
+            # wrote the pid file.
+            await wait_until(lambda: orphan[0].ppid() == worker.pid, timeout=15)
 
             async def reaped() -> bool:
                 await pool.apply(tasks.square, (2,))
