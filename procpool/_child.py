@@ -22,7 +22,7 @@ from types import CoroutineType, GeneratorType
 
 from procpool import _messages as m
 from procpool import _shm
-from procpool._messages import BEAT, CANCEL, CANCEL_RING, CURRENT, RESULT_ACK
+from procpool._messages import BEAT, CANCEL, CANCEL_RING, CURRENT, REPLIED, RESULT_ACK
 
 # typing.TYPE_CHECKING without importing typing (nor procpool.errors, imported where raised):
 # every worker imports this module.
@@ -186,6 +186,7 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Aren
         result_queue.put(reply)
         # Cleared only after the reply is out: a worker that dies before this point is judged to
         # have been running the task, so a task is never re-run after it may have had effects.
+        state[REPLIED] = seq
         state[CURRENT] = 0
         if reaping and started >= next_reap:
             next_reap = started + REAP_EVERY_NS

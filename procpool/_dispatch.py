@@ -447,6 +447,10 @@ class Dispatcher:
         task.timer = None
         if task.state is not TaskState.SENT or task.slot != worker.index or task.future.done():
             return
+        if worker.replied(task):
+            # It finished as its clock ran out, and its reply waits in the pipe to be read: no
+            # kill, which would hit the task the worker runs now instead.
+            return
         self._counters.tasks_timed_out += 1
         error = TaskTimeout(task.timeout or 0.0, worker.pid)
         if task.retry is not None and isinstance(error, task.retry.on):

@@ -39,7 +39,8 @@ BEAT = 1  # time.monotonic_ns() of the task's start or its last heartbeat()
 CANCEL = 2  # CANCEL_RING slots: seq of a committed task cancelled before it started
 CANCEL_RING = 512
 RESULT_ACK = CANCEL + CANCEL_RING  # seq of the last result whose shared-memory buffers the parent copied
-STATE_SIZE = RESULT_ACK + 1
+REPLIED = RESULT_ACK + 1  # seq of the last task whose reply the worker has written
+STATE_SIZE = REPLIED + 1
 
 
 def new_state() -> tuple[int, memoryview]:

@@ -429,6 +429,10 @@ class Worker:
         """Mark a task already written to the pipe so the child skips it."""
         self.shared[m.CANCEL + task.seq % m.CANCEL_RING] = task.seq
 
+    def replied(self, task: Task) -> bool:
+        """Whether the child has written this task's reply (the parent may not have read it yet)."""
+        return bool(self.shared[m.REPLIED] >= task.seq)
+
     def is_running(self, task: Task) -> bool:
         """Whether the child has started this task (it may be finishing it right now)."""
         return bool(self.shared[m.CURRENT] == task.seq)

@@ -7,12 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import tasks
 from helpers import all_healthy, assert_gone, pids_of, wait_until
 
 from procpool import PoolClosed, TaskTimeout, WorkerPool, _processes
+from procpool import _messages as m
+from procpool._dispatch import Dispatcher
 
 pytestmark = pytest.mark.anyio
 
@@ -158,3 +161,36 @@ async def test_shutdown_during_a_respawn_backoff_finishes(tmp_path):
     assert_gone(pids)
     with pytest.raises(PoolClosed):
         await pool.apply(tasks.square, (1,))
+
+
+async def test_a_task_that_finishes_as_its_clock_runs_out_keeps_its_result_and_spares_the_next(tmp_path, monkeypatch):
+    """A task whose reply is written but not yet read when its time limit fires is not killed:
+    its result counts, and the task its worker has started since runs on unharmed."""
+    gate, go = tmp_path / "gate", tmp_path / "go"
+    real_on_timeout = Dispatcher._on_timeout
+
+    def late_timeout(self, worker, task):
+        # The race, made certain: the task finishes and its worker starts the next one before
+        # this timer's callback acts (the loop has not read the reply yet).
+        go.touch()
+        deadline = time.monotonic() + 30
+        while worker.shared[m.CURRENT] in (0, task.seq):
+            assert time.monotonic() < deadline, "the worker did not move on"
+            time.sleep(0.001)
+        real_on_timeout(self, worker, task)
+
+    monkeypatch.setattr(Dispatcher, "_on_timeout", late_timeout)
+    async with WorkerPool() as pool:
+        await asyncio.gather(*(pool.submit(tasks.square, i) for i in range(3000)))  # deep prefetch
+        blockers = [pool.submit(tasks.wait_for_file, str(gate), 60) for _ in range(2)]
+        await wait_until(lambda: sum(bool(w.in_flight) and w.is_running(w.in_flight[0]) for w in pool.workers) == 2)
+        racing = asyncio.ensure_future(pool.apply(tasks.wait_for_file, (str(go), 60), timeout=0.5))
+        await wait_until(lambda: any(t.timeout == 0.5 for w in pool.workers for t in w.in_flight))
+        # Spread over the three workers: some wait behind the racing task, in its worker's pipe.
+        behind = [pool.submit(tasks.sleep_then, 0.2, i) for i in range(9)]
+        assert isinstance(await asyncio.wait_for(racing, 30), int)
+        gate.touch()
+        assert await asyncio.wait_for(asyncio.gather(*behind), 30) == list(range(9))
+        assert pool.get_status()["tasks_timed_out"] == 0
+        await asyncio.gather(*blockers)
+        await all_healthy(pool)
