@@ -447,17 +447,19 @@ class Dispatcher:
         task.timer = None
         if task.state is not TaskState.SENT or task.slot != worker.index or task.future.done():
             return
+        # A task that finished as its clock ran out, its reply waiting in the pipe to be read, is
+        # not killed (kill(seq=) checks again right before the signal): the kill would hit the
+        # task its worker runs now instead.
         if worker.replied(task):
-            # It finished as its clock ran out, and its reply waits in the pipe to be read: no
-            # kill, which would hit the task the worker runs now instead.
+            return
+        error = TaskTimeout(task.timeout or 0.0, worker.pid)
+        if not worker.kill(error, KILL_GRACE, seq=task.seq):
             return
         self._counters.tasks_timed_out += 1
-        error = TaskTimeout(task.timeout or 0.0, worker.pid)
         if task.retry is not None and isinstance(error, task.retry.on):
             # Retried: the task stays in its worker until the kill ends it; the exit handler
             # then hands the timeout to fail(), which retries it.
             log.warning("task %s timed out after %s s; killing worker %s", task.id, task.timeout, worker.worker_id)
-            worker.kill(error, KILL_GRACE)
             return
         log.warning(
             "task %s timed out after %s s on worker %s (pid %s); replacing the worker",
@@ -467,7 +469,6 @@ class Dispatcher:
             worker.pid,
         )
         self.resolve(task, False, error)
-        worker.kill(error, KILL_GRACE)
 
     def cancelled(self, task: Task) -> None:
         """A caller cancels a task's future: drop it if it has not started, else kill its worker."""

@@ -122,8 +122,8 @@ def _serve_one(control: socket.socket, children: dict[int, int], own: tuple[int,
             os.close(fd)
         return True
     status_w, data_r, *worker_fds = fds
-    if flags & socket.MSG_CTRUNC:
-        return _refuse(status_w, [data_r, *worker_fds], errno.EMSGSIZE)
+    if flags & socket.MSG_CTRUNC:  # the server is out of descriptors itself
+        return _refuse(status_w, [data_r, *worker_fds], errno.EMFILE)
     try:
         pid = os.fork()
     except OSError as exc:  # no more processes or memory: the parent counts a failed start
@@ -221,7 +221,10 @@ def _run_child(data_fd: int, fds: list[int]) -> int:
         sys.argv[:] = where["argv"]
         if where["cwd"]:
             os.chdir(where["cwd"])
-        sys.meta_path.insert(0, _ConfigureMultiprocessing(where["authkey"], name))
+        if "multiprocessing" in sys.modules:  # the server had it (a .pth file, sitecustomize)
+            _configure_multiprocessing(sys.modules["multiprocessing"], where["authkey"], name)
+        else:
+            sys.meta_path.insert(0, _ConfigureMultiprocessing(where["authkey"], name))
         _stand_in_for_main(where["main_path"], where["main_name"])
         procpool._child.process_name = name
         target, args, kwargs = pickle.loads(spec[1])
@@ -247,16 +250,18 @@ def _run_child(data_fd: int, fds: list[int]) -> int:
 
 
 def _end_of_process() -> None:
-    """What multiprocessing runs as its children end: its finalizers (and, from Python 3.13,
-    atexit handlers); then flush the standard streams."""
+    """What multiprocessing runs as its children end: from Python 3.13 the atexit handlers, then
+    its finalizers; then flush the standard streams. Unlike multiprocessing, the processes a task
+    left running are not waited for (the parent ends the worker's whole process group)."""
+    if sys.version_info >= (3, 13):
+        atexit._run_exitfuncs()
     util = sys.modules.get("multiprocessing.util")
     if util is not None:
         try:
-            util._exit_function()
+            util._run_finalizers(0)
+            util._run_finalizers()
         except BaseException:  # the exit code is already decided
             pass
-    if sys.version_info >= (3, 13):
-        atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -265,11 +270,19 @@ def _end_of_process() -> None:
             pass
 
 
+def _configure_multiprocessing(mp: types.ModuleType, authkey: bytes, name: str) -> None:
+    """As multiprocessing's own fork-server children have it: the parent's authkey (a Manager's
+    proxies among a task's arguments connect with it), the worker's process name, and the
+    forkserver start method for any process a task starts."""
+    current = mp.current_process()
+    current.authkey = authkey
+    current.name = name
+    mp.set_start_method("forkserver", force=True)
+
+
 class _ConfigureMultiprocessing:
     """A meta-path finder that waits for the worker's first import of multiprocessing (procpool
-    does not import it to start a worker) and then configures it as its own children have it:
-    the parent's authkey (a Manager's proxies among a task's arguments connect with it), the
-    worker's process name, and the forkserver start method for any process a task starts."""
+    does not import it to start a worker) and configures it once it has run."""
 
     def __init__(self, authkey: bytes, name: str) -> None:
         self.authkey = authkey
@@ -280,23 +293,28 @@ class _ConfigureMultiprocessing:
     ) -> ModuleSpec | None:
         if fullname != "multiprocessing":
             return None
-        sys.meta_path.remove(self)
-        from importlib.util import find_spec
-
-        spec = find_spec(fullname)
-        loader = getattr(spec, "loader", None)
-        run = getattr(loader, "exec_module", None)
+        # The spec the other finders give, with no import here (this runs under the import lock).
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec: ModuleSpec | None = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        run = getattr(spec.loader, "exec_module", None)
         if run is None:
             return spec
 
         def exec_module(module: types.ModuleType) -> None:
             run(module)
-            current = module.current_process()
-            current.authkey = self.authkey
-            current.name = self.name
-            module.set_start_method("forkserver", force=True)
+            # Done (a spec merely looked for leaves the finder in place); rebound, not mutated,
+            # so that an import running in another thread walks the list it started with.
+            sys.meta_path = [f for f in sys.meta_path if f is not self]
+            _configure_multiprocessing(module, self.authkey, self.name)
 
-        loader.exec_module = exec_module  # type: ignore[union-attr]
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign,union-attr]
         return spec
 
 
@@ -308,20 +326,20 @@ def _stand_in_for_main(main_path: str | None, main_name: str | None) -> None:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = stand_in
     if not main_path and not main_name:
         return
-    lock = threading.Lock()  # one import, whichever thread asks first
-    here = threading.local()  # names the main module looks up on itself while it runs
+    # One import at a time. While it runs, a lookup from its own thread (the main module asking
+    # for its own names) or from another one (a thread its top level starts) finds nothing, as
+    # under spawn, where ``__main__`` becomes the module only once it has run.
+    lock = threading.Lock()
 
     def __getattr__(name: str) -> object:
-        if getattr(here, "importing", False) or (name.startswith("__") and name.endswith("__")):
+        if (name.startswith("__") and name.endswith("__")) or not lock.acquire(blocking=False):
             raise AttributeError(name)
-        with lock:
+        try:
             module = sys.modules["__main__"]
             if module is stand_in:
-                here.importing = True
-                try:
-                    module = _import_main(main_path, main_name)
-                finally:
-                    here.importing = False
+                module = _import_main(main_path, main_name)
+        finally:
+            lock.release()
         if module is stand_in:
             raise AttributeError(f"module '__main__' has no attribute {name!r}")
         return getattr(module, name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import errno
 import fcntl
 import multiprocessing.connection
@@ -156,7 +157,7 @@ def at_eof(fd: int) -> bool:
 class ForkServerGone(ConnectionError):
     """The fork server died before it could start a worker (a new one is started on the next try)."""
 
-    def __init__(self, message: str, server_pid: int) -> None:
+    def __init__(self, message: str, server_pid: int | None = None) -> None:
         super().__init__(message)
         self.server_pid = server_pid
 
@@ -217,9 +218,14 @@ class ForkServer:
             for fd in (status_r, status_w, data_w):
                 if fd >= 0:
                     os.close(fd)
-            if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
-                raise ForkServerGone(f"the fork server (pid {self.pid}) is gone: {exc!r}", self.pid) from exc
-            raise
+            if isinstance(exc, TimeoutError):  # stopped or wedged: replaced by a new one
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            elif not isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)) and not (
+                isinstance(exc, OSError) and exc.errno in (errno.EBADF, errno.ENOTCONN)  # closed meanwhile
+            ):
+                raise
+            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone: {exc!r}", self.pid) from exc
         if pid <= 0:  # the server's answer to a request it could not serve: -errno
             for fd in (status_r, data_w):
                 os.close(fd)
@@ -341,6 +347,11 @@ def fork_server() -> ForkServer:
 
 
 def _close_fork_server(server: ForkServer) -> None:
+    """At exit: close the server's socket (it exits then); a start after this starts a new one."""
+    global _server
+    with _server_lock:
+        if _server is server:
+            _server = None
     server.close()
 
 

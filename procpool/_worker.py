@@ -334,26 +334,32 @@ class Worker:
         log.info("worker %s (pid %s) outlived its fork server and keeps working", self.worker_id, self.pid)
         return True
 
-    def kill(self, reason: BaseException | None, grace: float) -> None:
+    def kill(self, reason: BaseException | None, grace: float, seq: int | None = None) -> bool:
         """Stop the process and every process its tasks started: SIGTERM, then SIGKILL.
 
         ``reason`` is the error the task running now gets; tasks behind it are skipped by the
-        child (or left in the slot) and go back to the pool.
+        child (or left in the slot) and go back to the pool. With ``seq``, the kill is for that
+        task only: if its reply is already written, nothing is killed. False if nothing was.
         """
         if self.process is None or self.state in (WorkerState.STOPPING, WorkerState.DEAD):
-            return
+            return False
+        # The snapshot of the task's processes first: it takes a while, and the task may finish
+        # meanwhile. From reading the running task to the signal, only shared-memory writes.
+        tree = proc.descendants(self.pid)
+        if seq is not None and self.shared[m.REPLIED] >= seq:
+            return False
         self.state = WorkerState.STOPPING
         self._kill_reason = reason
         self._kill_seq = self.shared[m.CURRENT]
         for task in self.in_flight:
             if task.seq != self._kill_seq:
                 self.cancel_unstarted(task)
-        tree = proc.descendants(self.pid)
         self._signal_tree(tree, signal.SIGTERM)
         if grace > 0:
             self._loop.call_later(grace, self._finish_kill, tree, self.process)
         else:
             self._signal_tree(tree, signal.SIGKILL)
+        return True
 
     def fail_start(self, why: str) -> None:
         """Kill a process that is still starting; its exit counts as a failed start, for ``why``."""

@@ -374,3 +374,26 @@ _initargs: list[Any] = []
 def keep_objects(*objects: Any) -> None:
     """An initializer that keeps what it is given (pipe ends passed as initargs, say)."""
     _initargs.extend(objects)
+
+
+def multiprocessing_facts_after_looking_it_up(authkey: bytes) -> tuple[str | None, str, bool]:
+    """Look multiprocessing up (as a library checking for it may) before importing it, then say
+    its start method, the process's name and whether the authkey is ``authkey``."""
+    import importlib.util
+
+    assert importlib.util.find_spec("multiprocessing") is not None
+    import multiprocessing
+
+    current = multiprocessing.current_process()
+    return multiprocessing.get_start_method(allow_none=True), current.name, bytes(current.authkey) == authkey
+
+
+def leave_process(seconds: float) -> int:
+    """Start a non-daemon multiprocessing child that sleeps, and return its pid without joining it."""
+    import multiprocessing
+
+    child = multiprocessing.Process(target=time.sleep, args=(seconds,))
+    child.start()
+    _initargs.append(child)
+    assert child.pid is not None
+    return child.pid

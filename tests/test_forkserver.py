@@ -5,6 +5,9 @@ server's death costs no task. Real processes and real signals."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -18,7 +21,7 @@ import time
 import psutil
 import pytest
 import tasks
-from helpers import all_healthy, wait_until
+from helpers import all_healthy, assert_gone, wait_until
 
 from procpool import WorkerCrashed, WorkerPool, _processes
 
@@ -309,3 +312,72 @@ def test_a_function_of_a_python_c_parent_is_not_found_in_a_worker():
     out = subprocess.run([sys.executable, "-c", MINUS_C], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("SerializationError"), out.stdout
+
+
+async def test_a_worker_that_looks_multiprocessing_up_first_still_gets_it_configured():
+    """A task that looks multiprocessing up (importlib.util.find_spec) before importing it finds
+    the parent's authkey, its worker's name and the forkserver start method all the same."""
+    authkey = bytes(multiprocessing.current_process().authkey)
+    async with WorkerPool(start_method="forkserver") as pool:
+        method, name, same_key = await pool.apply(tasks.multiprocessing_facts_after_looking_it_up, (authkey,))
+    assert (method, same_key) == ("forkserver", True)
+    assert name.startswith("procpool-")
+
+
+SITECUSTOMIZE_PARENT = textwrap.dedent(
+    """
+    import asyncio, json, multiprocessing
+    import procpool, tasks
+
+    async def main():
+        authkey = bytes(multiprocessing.current_process().authkey)
+        async with procpool.WorkerPool() as pool:
+            print(json.dumps(await pool.apply(tasks.multiprocessing_facts_after_looking_it_up, (authkey,))))
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+    """
+)
+
+
+def test_workers_get_multiprocessing_configured_when_the_fork_server_already_had_it(tmp_path):
+    """When the fork server imported multiprocessing itself (a sitecustomize, a .pth file), each
+    worker still gets the parent's authkey, its own name and the forkserver start method."""
+    (tmp_path / "sitecustomize.py").write_text("import multiprocessing.util\n")
+    (tmp_path / "parent.py").write_text(SITECUSTOMIZE_PARENT)
+    paths = [str(tmp_path), os.path.dirname(tasks.__file__), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    parent = [sys.executable, str(tmp_path / "parent.py")]
+    out = subprocess.run(parent, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    method, name, same_key = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (method, same_key) == ("forkserver", True) and name.startswith("procpool-"), out.stdout
+
+
+async def test_a_process_a_task_leaves_running_does_not_hold_its_worker_at_exit():
+    """A non-daemon multiprocessing child a task leaves running does not keep its worker from
+    exiting (multiprocessing would join it): shutdown is prompt, and the child is ended too."""
+    pool = WorkerPool(start_method="forkserver")
+    await pool.initialize()
+    child = await pool.apply(tasks.leave_process, (120,))
+    await asyncio.wait_for(pool.shutdown(timeout=math.inf), 60)
+    assert_gone([child])
+
+
+async def test_a_fork_server_that_stops_answering_is_replaced(monkeypatch):
+    """A fork server that does not answer a start (stopped, wedged) is killed after
+    LAUNCH_TIMEOUT and a new one starts the workers; the workers it had started work on."""
+    monkeypatch.setattr(_processes, "LAUNCH_TIMEOUT", 1.0)
+    async with WorkerPool(start_method="forkserver") as first:
+        server = _server_pid()
+        os.kill(server, signal.SIGSTOP)
+        try:
+            async with WorkerPool(start_method="forkserver") as second:
+                assert _server_pid() not in (None, server)
+                assert await second.apply(abs, (-5,)) == 5
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signal.SIGCONT)
+        await wait_until(lambda: _gone(server))
+        assert await first.apply(abs, (-6,)) == 6
+        await all_healthy(first)

@@ -169,14 +169,16 @@ async def test_a_task_that_finishes_as_its_clock_runs_out_keeps_its_result_and_s
     gate, go = tmp_path / "gate", tmp_path / "go"
     real_on_timeout = Dispatcher._on_timeout
 
+    raced: list[bool] = []
+
     def late_timeout(self, worker, task):
         # The race, made certain: the task finishes and its worker starts the next one before
         # this timer's callback acts (the loop has not read the reply yet).
         go.touch()
         deadline = time.monotonic() + 30
-        while worker.shared[m.CURRENT] in (0, task.seq):
-            assert time.monotonic() < deadline, "the worker did not move on"
+        while worker.shared[m.CURRENT] in (0, task.seq) and time.monotonic() < deadline:
             time.sleep(0.001)
+        raced.append(worker.shared[m.CURRENT] not in (0, task.seq))
         real_on_timeout(self, worker, task)
 
     monkeypatch.setattr(Dispatcher, "_on_timeout", late_timeout)
@@ -189,6 +191,7 @@ async def test_a_task_that_finishes_as_its_clock_runs_out_keeps_its_result_and_s
         # Spread over the three workers: some wait behind the racing task, in its worker's pipe.
         behind = [pool.submit(tasks.sleep_then, 0.2, i) for i in range(9)]
         assert isinstance(await asyncio.wait_for(racing, 30), int)
+        assert raced == [True], "the worker did not move on to a task behind the racing one"
         gate.touch()
         assert await asyncio.wait_for(asyncio.gather(*behind), 30) == list(range(9))
         assert pool.get_status()["tasks_timed_out"] == 0
