@@ -253,7 +253,10 @@ def _end_of_process() -> None:
     """What multiprocessing runs as its children end: from Python 3.13 the atexit handlers, then
     its finalizers; then flush the standard streams. Unlike multiprocessing, the processes a task
     left running are not waited for (the parent ends the worker's whole process group)."""
+    util = sys.modules.get("multiprocessing.util")
     if sys.version_info >= (3, 13):
+        if util is not None:  # its exit handler joins the processes a task left: not run here
+            atexit.unregister(util._exit_function)
         atexit._run_exitfuncs()
     util = sys.modules.get("multiprocessing.util")
     if util is not None:
