@@ -447,13 +447,10 @@ class Dispatcher:
         task.timer = None
         if task.state is not TaskState.SENT or task.slot != worker.index or task.future.done():
             return
-        # A task that finished as its clock ran out, its reply waiting in the pipe to be read, is
-        # not killed (kill(seq=) checks again right before the signal): the kill would hit the
-        # task its worker runs now instead.
-        if worker.replied(task):
-            return
         error = TaskTimeout(task.timeout or 0.0, worker.pid)
         if not worker.kill(error, KILL_GRACE, seq=task.seq):
+            # It finished as its clock ran out, its reply waiting in the pipe to be read: the
+            # kill would have hit the task its worker runs now instead.
             return
         self._counters.tasks_timed_out += 1
         if task.retry is not None and isinstance(error, task.retry.on):

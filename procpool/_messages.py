@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ()
 
 # Layout of the small array of int64 each worker process shares with the parent (an anonymous
-# file both map: ``new_state``, ``map_state``); the parent reads it without a round trip.
+# file both map: ``_processes.new_state``, ``map_state``); the parent reads it without a round trip.
 CURRENT = 0  # seq of the task running now, 0 when idle
 BEAT = 1  # time.monotonic_ns() of the task's start or its last heartbeat()
 CANCEL = 2  # CANCEL_RING slots: seq of a committed task cancelled before it started
@@ -41,24 +41,6 @@ CANCEL_RING = 512
 RESULT_ACK = CANCEL + CANCEL_RING  # seq of the last result whose shared-memory buffers the parent copied
 REPLIED = RESULT_ACK + 1  # seq of the last task whose reply the worker has written
 STATE_SIZE = REPLIED + 1
-
-
-def new_state() -> tuple[int, memoryview]:
-    """A fresh shared state for one worker process: its file (for the child) and the parent's
-    view of it, STATE_SIZE int64 slots, all 0. The kernel frees it with its last mapping."""
-    try:
-        fd = os.memfd_create("procpool-state", os.MFD_CLOEXEC)
-    except (AttributeError, OSError):  # pragma: no cover - no memfd: an unlinked file
-        import tempfile
-
-        with tempfile.TemporaryFile() as f:
-            fd = os.dup(f.fileno())
-    try:
-        os.ftruncate(fd, STATE_SIZE * 8)
-        return fd, map_state(fd, close=False)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def map_state(fd: int, close: bool = True) -> memoryview:

@@ -14,7 +14,6 @@ import atexit
 import contextlib
 import errno
 import fcntl
-import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.popen_fork
 import multiprocessing.process
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from procpool import _child, _forkserver, _shm
+from procpool import _child, _forkserver, _messages, _shm
 
 if TYPE_CHECKING:
     # Imported where it is used: a main module importing WorkerPool is also imported by the fork
@@ -105,11 +104,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_drop_lifeline_in_child)
 
 
-def anonymous_file() -> int | None:
+def anonymous_file(name: str = "procpool-stack") -> int | None:
     """A file with no name, freed by the kernel with its last descriptor: nothing is left on
     disk when the parent is killed. memfd where there is one, else an unlinked temporary file."""
     try:
-        return os.memfd_create("procpool-stack")
+        return os.memfd_create(name)
     except (AttributeError, OSError):
         pass
     try:
@@ -131,6 +130,20 @@ class PassFd:
         return (_child.received_fd, (multiprocessing.reduction.DupFd(self.fd),))
 
 
+def new_state() -> tuple[int, memoryview]:
+    """A fresh shared state for one worker process (``_messages.map_state``): its file, for the
+    child, and the parent's view of it, all 0. The kernel frees it with its last mapping."""
+    fd = anonymous_file("procpool-state")
+    if fd is None:  # pragma: no cover - no memfd and no writable temporary directory
+        raise OSError("no anonymous file for a worker's shared state")
+    try:
+        os.ftruncate(fd, _messages.STATE_SIZE * 8)
+        return fd, _messages.map_state(fd, close=False)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_pidfd(pid: int) -> int | None:
     """A file descriptor that reads ready when ``pid`` exits, whoever its parent is (Linux 5.3+)."""
     try:
@@ -139,10 +152,11 @@ def open_pidfd(pid: int) -> int | None:
         return None
 
 
-def readable(fd: int) -> bool:
+def readable(fd: int, timeout: float = 0.0) -> bool:
+    """Whether ``fd`` is readable now (or becomes so within ``timeout`` seconds)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
+    return bool(poller.poll(timeout * 1000))
 
 
 def at_eof(fd: int) -> bool:
@@ -241,7 +255,7 @@ def _read_signed(fd: int, timeout: float | None = None) -> int:
     """One SIGNED value from a pipe; EOFError if it closes first (TimeoutError after ``timeout``)."""
     data = b""
     while len(data) < _forkserver.SIGNED.size:
-        if timeout is not None and not _wait_readable(fd, timeout):
+        if timeout is not None and not readable(fd, timeout):
             raise TimeoutError(f"procpool's fork server did not answer within {timeout:g} s")
         chunk = os.read(fd, _forkserver.SIGNED.size - len(data))
         if not chunk:
@@ -249,12 +263,6 @@ def _read_signed(fd: int, timeout: float | None = None) -> int:
         data += chunk
     value: int = _forkserver.SIGNED.unpack(data)[0]
     return value
-
-
-def _wait_readable(fd: int, timeout: float) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
 
 
 class ForkServerPopen(multiprocessing.popen_fork.Popen):
@@ -348,10 +356,7 @@ def fork_server() -> ForkServer:
 
 def _close_fork_server(server: ForkServer) -> None:
     """At exit: close the server's socket (it exits then); a start after this starts a new one."""
-    global _server
-    with _server_lock:
-        if _server is server:
-            _server = None
+    _forget(server.pid)
     server.close()
 
 
@@ -385,15 +390,23 @@ if hasattr(os, "register_at_fork"):
 def forget_fork_server(pid: int | None, loop: Any) -> bool:
     """Start a new fork server on the next start instead of server ``pid`` (whichever runs when
     None), which has died or is dying, and reap it from the loop without blocking."""
+    server = _forget(pid)
+    if server is None:
+        return False
+    _reap_server(server.pid, loop, 0.001, time.monotonic() + 60)
+    return True
+
+
+def _forget(pid: int | None) -> ForkServer | None:
+    """Drop server ``pid`` (whichever runs when None) and close its socket; the one dropped."""
     global _server
     with _server_lock:
         server = _server
         if server is None or (pid is not None and server.pid != pid):
-            return False
+            return None
         _server = None
     server.close()
-    _reap_server(server.pid, loop, 0.001, time.monotonic() + 60)
-    return True
+    return server
 
 
 def _reap_server(pid: int, loop: Any, delay: float, deadline: float) -> None:

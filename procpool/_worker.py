@@ -175,7 +175,7 @@ class Worker:
     def spawn(self, launch: proc.Launch) -> None:
         """Start a fresh process in this slot with fresh pipes; Ready arrives later."""
         loop = self._loop = launch.loop
-        state_fd, self.shared = m.new_state()  # fresh for each process: all 0
+        state_fd, self.shared = proc.new_state()  # fresh for each process: all 0
         try:
             process, call_w, result_r, stack_fd, arena_fd = proc.start_worker(
                 launch, state_fd, f"procpool-{self.worker_id}"
@@ -434,10 +434,6 @@ class Worker:
     def cancel_unstarted(self, task: Task) -> None:
         """Mark a task already written to the pipe so the child skips it."""
         self.shared[m.CANCEL + task.seq % m.CANCEL_RING] = task.seq
-
-    def replied(self, task: Task) -> bool:
-        """Whether the child has written this task's reply (the parent may not have read it yet)."""
-        return bool(self.shared[m.REPLIED] >= task.seq)
 
     def is_running(self, task: Task) -> bool:
         """Whether the child has started this task (it may be finishing it right now)."""
