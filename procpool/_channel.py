@@ -9,7 +9,8 @@ Copies of a large buffer on its way (see docs/design.md, "The data path"):
 * call: the caller's object -> the call area (``send``), then the area -> the worker's own
   object (``_messages.loads`` in the child). Two copies, no pickle of the data, no pipe.
 * result: the worker's object -> the result area (``_child``), then the area -> the parent's
-  own object (``load_result``). Two copies.
+  own object (``load_result``), or for a large numpy array, a block of the channel's
+  ``_shm.Landing``, reused once the array is gone. Two copies.
 * when an area is full (calls prefetched behind a running task, or results not read yet), the
   buffers go inline through the pipe instead: slower, never blocked, never unbounded.
 """
@@ -32,7 +33,7 @@ MAX_PARTS = 512
 class Channel:
     """Non-blocking I/O with one worker process: calls out, result bodies in."""
 
-    __slots__ = ("_arena", "_call_fd", "_calls", "_frames", "_loop", "_out", "_result_fd", "_shared")
+    __slots__ = ("_arena", "_call_fd", "_calls", "_frames", "_landing", "_loop", "_out", "_result_fd", "_shared")
 
     def __init__(self, loop: Any, call_fd: int, result_fd: int, arena_fd: int | None, limit: int, shared: Any) -> None:
         self._loop = loop
@@ -46,6 +47,8 @@ class Channel:
         self._arena = None if arena_fd is None else _shm.Arena(arena_fd, limit)
         # Space in the call area, tagged with the seq of the call using it.
         self._calls = _shm.Ring(limit) if self._arena is not None else None
+        # Where large results such as numpy's arrays are copied, in blocks reused once free.
+        self._landing = _shm.Landing()
         self._shared = shared
 
     # -- calls -------------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ class Channel:
         area's space back to the worker (and its pages above RETAIN to the kernel)."""
         arena = self._arena
         try:
-            return m.loads(payload, None if arena is None else arena.view)
+            return m.loads(payload, None if arena is None else arena.view, self._landing)
         finally:
             if arena is not None:
                 for offset, length in m.spans(payload):
@@ -161,6 +164,7 @@ class Channel:
         removes them from the loop, which may be closed by now)."""
         self._call_fd = self._result_fd = -1
         self._out.clear()
+        self._landing.close()
         if self._arena is not None:
             self._arena.close()
             self._arena = None

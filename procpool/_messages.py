@@ -242,15 +242,15 @@ class _Own:
 
 
 def _rebuild_bytes(buf: Any) -> bytes:
-    return bytes(buf)
+    return _shm.copy_out(buf, bytes)  # type: ignore[return-value]
 
 
 def _rebuild_bytearray(buf: Any) -> bytearray:
-    return bytearray(buf)
+    return _shm.copy_out(buf, bytearray)  # type: ignore[return-value]
 
 
 def _rebuild_view(buf: Any, readonly: bool, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    data = bytes(buf) if readonly else bytearray(buf)
+    data = _shm.copy_out(buf, bytes if readonly else bytearray)
     view: Any = memoryview(data)
     return view if fmt == "B" and len(shape) == 1 else view.cast(fmt, shape)  # type: ignore[no-any-return]
 
@@ -346,11 +346,12 @@ def spans(payload: Any) -> list[tuple[int, int]]:
     return out
 
 
-def loads(payload: Any, area: memoryview | None) -> Any:
+def loads(payload: Any, area: memoryview | None, landing: _shm.Landing | None = None) -> Any:
     """Unpickle a buffer table and its pickle; buffers come from ``area`` or from the payload.
 
-    Every buffer is copied out (into the object that uses it), so the result owns its memory and
-    the area can be reused as soon as this returns.
+    Every buffer is copied out (into the object that uses it, or for buffers such as numpy's,
+    into ``landing`` if given, else a bytearray), so the result owns its memory and the area can
+    be reused as soon as this returns.
     """
     count, size = _COUNT.unpack_from(payload)
     at = _COUNT.size
@@ -367,7 +368,10 @@ def loads(payload: Any, area: memoryview | None) -> Any:
         else:
             assert area is not None
             src = area[offset : offset + length]
-        buffers.append(src if flag & OWN else bytearray(src))
+        if flag & OWN:
+            buffers.append(src)
+        else:
+            buffers.append(_shm.copy_out(src, bytearray) if landing is None else landing.copy(src))
     return pickle.loads(data, buffers=buffers)
 
 

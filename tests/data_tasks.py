@@ -89,3 +89,44 @@ def fail_on_seven(x: int) -> int:
     if x == 7:
         raise ValueError("bad 7")
     return x
+
+
+def address_of(value: Any) -> int:
+    """Where ``value``'s bytes start in this process (bytes, bytearray or a numpy array)."""
+    import ctypes
+
+    if isinstance(value, bytes):
+        as_string = ctypes.pythonapi.PyBytes_AsString
+        as_string.argtypes, as_string.restype = (ctypes.py_object,), ctypes.c_void_p
+        return int(as_string(value))
+    if isinstance(value, bytearray):
+        return ctypes.addressof(ctypes.c_char.from_buffer(value))
+    return int(value.ctypes.data)
+
+
+def huge_page_advised(address: int) -> bool:
+    """Whether the mapping holding ``address`` in this process is advised for huge pages (``hg``)."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's first line: start-end ...
+                start, end = (int(x, 16) for x in first.split("-"))
+                inside = start <= address < end
+            elif inside and first == "VmFlags:":
+                return "hg" in line.split()[1:]
+    raise LookupError(f"no mapping holds {address:#x}")
+
+
+def argument_is_huge_page_advised(value: Any) -> bool:
+    """In the worker: whether the argument's memory (well inside it) is advised for huge pages."""
+    return huge_page_advised(address_of(value) + len(memoryview(value).cast("B")) // 2)
+
+
+def filled(n: int, value: int, readonly: bool = False) -> Any:
+    """An ``n``-byte numpy array of ``value``, made here (read-only if asked)."""
+    import numpy as np
+
+    out = np.full(n, value, dtype=np.uint8)
+    out.flags.writeable = not readonly
+    return out

@@ -4,9 +4,11 @@ the pipe path's framing and writes; the size limit and the inline fallback."""
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import pickle
 import queue
+import resource
 
 import data_tasks
 import numpy as np
@@ -75,6 +77,119 @@ async def test_the_receiver_owns_what_it_gets(pool):
     for _ in range(3):
         kept = await pool.apply(data_tasks.kept, ())
         assert np.array_equal(kept, first)
+
+
+THP = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled") and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def test_a_large_copy_out_of_shared_memory_is_exact_at_any_alignment():
+    """copy_out gives an exact bytes or bytearray of any view, at any offset, large or small."""
+    source = mmap.mmap(-1, 3 * _shm.HUGE_COPY)
+    source.write(os.urandom(3 * _shm.HUGE_COPY))
+    view = memoryview(source)
+    try:
+        for start, size in ((0, _shm.HUGE_COPY), (1, _shm.HUGE_COPY - 1), (4095, 2 * _shm.HUGE_COPY + 7), (64, 100)):
+            for sub in (view[start : start + size], view[start : start + size].toreadonly()):
+                for kind in (bytes, bytearray):
+                    copy = _shm.copy_out(sub, kind)
+                    assert type(copy) is kind and copy == sub
+                sub.release()
+    finally:
+        view.release()
+        source.close()
+
+
+@pytest.mark.skipif(not THP, reason="no transparent huge pages here")
+async def test_large_buffers_land_in_memory_advised_for_huge_pages_on_both_sides(pool):
+    """A large result, and a large argument in the worker, land in memory advised for huge pages."""
+    small = bytes(_shm.HUGE_COPY // 2)  # no whole huge page of its own: left alone (checked first,
+    assert not await pool.apply(data_tasks.argument_is_huge_page_advised, (small,))  # on a fresh heap)
+    n = 4 * _shm.HUGE_COPY + 3
+    for make in (bytes, bytearray, lambda data: np.frombuffer(data, dtype=np.uint8).copy()):
+        value = make(os.urandom(n))
+        assert await pool.apply(data_tasks.argument_is_huge_page_advised, (value,))
+        back = await pool.apply(data_tasks.identity, (value,))
+        assert type(back) is type(value) and bytes(back) == bytes(value)
+        assert data_tasks.huge_page_advised(data_tasks.address_of(back) + n // 2)
+
+
+def _block_under(array):
+    """The parent's landing block (an mmap) under ``array``, found through its buffers' owners."""
+    seen = array
+    while not isinstance(seen, mmap.mmap):
+        seen = seen.obj if isinstance(seen, memoryview) else seen.base
+    return seen
+
+
+async def test_large_array_results_land_in_memory_the_parent_reuses_once_dropped():
+    """A stream of large numpy results, each dropped, faults no fresh pages into the parent."""
+    n = 64 * 1024 * 1024
+    async with WorkerPool("landing") as pool:
+        for _ in range(2):  # every worker's channel has its blocks
+            await asyncio.gather(*(pool.apply(data_tasks.filled, (n, 1)) for _ in range(6)))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for value in range(2, 8):
+            array = await pool.apply(data_tasks.filled, (n, value))
+            assert array[0] == value and array[-1] == value
+            del array
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 6
+    # fresh memory for each: 16,384 small pages, or 32 huge ones and the small pages around them
+    assert faults < 256
+
+
+async def test_a_large_result_the_caller_keeps_in_any_form_is_never_overwritten(pool):
+    """Large results kept as arrays, read-only arrays, views, memoryviews or their block keep their contents."""
+    n = 2 * _shm.HUGE_COPY
+    kept = []
+    for value, keep in enumerate(
+        (
+            lambda a: a,
+            lambda a: a[::2],
+            lambda a: memoryview(a),
+            lambda a: memoryview(a).toreadonly(),
+            _block_under,
+        ),
+        start=1,
+    ):
+        array = await pool.apply(data_tasks.filled, (n, value, value == 4))
+        assert isinstance(_block_under(array), mmap.mmap)
+        kept.append((value, keep(array)))
+        del array
+        for other in range(100, 106):  # results dropped at once, from every worker
+            await asyncio.gather(*(pool.apply(data_tasks.filled, (n, other)) for _ in range(3)))
+    for value, held in kept:
+        data = np.frombuffer(held, dtype=np.uint8) if not isinstance(held, np.ndarray) else held
+        assert data.min() == value == data.max()
+
+
+def test_a_landing_keeps_at_most_its_limit_and_copies_plainly_beyond():
+    """Once the results kept fill LANDING_MAX, further ones are plain copies, and all stay intact."""
+    source = mmap.mmap(-1, _shm.LANDING_MAX)
+    view = memoryview(source)
+    landing = _shm.Landing()
+    kept = []
+    try:
+        for value in range(1, 12):
+            view[: 16 * 1024 * 1024] = bytes([value]) * (16 * 1024 * 1024)
+            kept.append((value, landing.copy(view[: 16 * 1024 * 1024])))
+            assert sum(len(b) for b in landing.blocks) <= _shm.LANDING_MAX
+        assert [type(k) for _, k in kept] == [memoryview] * 8 + [bytearray] * 3
+        assert all(bytes(k) == bytes([value]) * (16 * 1024 * 1024) for value, k in kept)
+        kept.clear()  # all free again: the next one reuses a block
+        assert type(landing.copy(view[: 16 * 1024 * 1024])) is memoryview and len(landing.blocks) == 8
+    finally:
+        landing.close()
+        view.release()
+        source.close()
+
+
+async def test_large_arrays_outlive_the_pool_that_made_them():
+    """Arrays that landed in a pool's blocks stay intact after the pool shuts down."""
+    async with WorkerPool("landing") as pool:
+        arrays = await asyncio.gather(*(pool.apply(data_tasks.filled, (2 * _shm.HUGE_COPY, v)) for v in range(1, 7)))
+    assert [(a.min(), a.max()) for a in arrays] == [(v, v) for v in range(1, 7)]
+    arrays[0][:] = 9  # still the caller's, writable
+    assert arrays[0].max() == 9
 
 
 async def test_many_large_calls_at_once_all_arrive(pool):
