@@ -159,6 +159,10 @@ class Channel:
                     arena.release(arena.limit, offset - arena.limit, offset - arena.limit + length)
                 self._shared[m.RESULT_ACK] = seq
 
+    def trim(self) -> None:
+        """Unmap the landing blocks that no result has used since the last trim."""
+        self._landing.trim()
+
     def close(self) -> None:
         """Forget what was not written and unmap the arena (the owner closes the pipes and
         removes them from the loop, which may be closed by now)."""

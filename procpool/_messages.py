@@ -71,11 +71,13 @@ _HUGE_LENGTH = struct.Struct("!Q")
 # A buffer table: how many buffers, then for each its place and size. The place is an offset in
 # the sender's area of the arena, or, with INLINE, in the body after the pickle (the fallback when
 # the area is full). OWN marks buffers of bytes/bytearray/memoryview, which their own rebuild
-# function copies; any other (numpy's, a PickleBuffer's) is copied into a bytearray on arrival.
+# function copies; any other (numpy's, a PickleBuffer's) is copied into a bytearray on arrival,
+# except that a numpy array's (LAND) may land in a parent's reused block (_shm.Landing).
 _COUNT = struct.Struct("!HQ")  # buffer count, pickle length
 _ENTRY = struct.Struct("!QQB")  # offset, length, flags
 INLINE = 1
 OWN = 2
+LAND = 4
 # One read takes whatever the pipe holds, up to this much: many small messages per syscall.
 READ_SIZE = 1 << 18
 
@@ -302,7 +304,13 @@ def dumps(
         if raw.nbytes < threshold:
             return True
         buffers.append(raw)
-        flags.append(OWN if id(buf) in own else 0)
+        exporter = type(raw.obj)
+        if id(buf) in own:
+            flags.append(OWN)
+        elif exporter.__name__ == "ndarray" and exporter.__module__ == "numpy":
+            flags.append(LAND)  # numpy's arrays keep any buffer they are rebuilt on: see Landing
+        else:
+            flags.append(0)
         return False
 
     data = pickle.dumps(obj, 5, buffer_callback=take)
@@ -349,10 +357,11 @@ def spans(payload: Any) -> list[tuple[int, int]]:
 def loads(payload: Any, area: memoryview | None, landing: _shm.Landing | None = None) -> Any:
     """Unpickle a buffer table and its pickle; buffers come from ``area`` or from the payload.
 
-    Every buffer is copied out (into the object that uses it, or for buffers such as numpy's,
-    into ``landing`` if given, else a bytearray), so the result owns its memory and the area can
-    be reused as soon as this returns.
+    Every buffer is copied out (into the object that uses it; for numpy's, into ``landing`` if
+    given; else into a bytearray), so the result owns its memory and the area can be reused as
+    soon as this returns.
     """
+    payload = memoryview(payload)  # a large body arrives as a bytearray: slice it without copies
     count, size = _COUNT.unpack_from(payload)
     at = _COUNT.size
     entries = []
@@ -370,8 +379,10 @@ def loads(payload: Any, area: memoryview | None, landing: _shm.Landing | None = 
             src = area[offset : offset + length]
         if flag & OWN:
             buffers.append(src)
+        elif flag & LAND and landing is not None:
+            buffers.append(landing.copy(src))
         else:
-            buffers.append(_shm.copy_out(src, bytearray) if landing is None else landing.copy(src))
+            buffers.append(_shm.copy_out(src, bytearray))
     return pickle.loads(data, buffers=buffers)
 
 

@@ -73,12 +73,14 @@ class Monitor:
         self.interval = interval
 
     async def run(self) -> None:
-        """Look at every worker, forever (the pool cancels this task when it closes)."""
+        """Look at every worker, forever (the pool cancels this task when it closes); give back
+        the memory of large results that no result has used since the last look."""
         while True:
             await asyncio.sleep(self.interval)
             for worker in self._workers:
                 try:
                     self.check(worker)
+                    worker.trim_buffers()
                 except Exception:  # pragma: no cover - the monitor must outlive any surprise
                     log.exception("monitor failed on worker %s", worker.worker_id)
 

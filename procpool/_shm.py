@@ -284,7 +284,9 @@ class _Copier:
     def __init__(self) -> None:
         import ctypes
 
-        api = ctypes.pythonapi
+        # A PyDLL of our own: ctypes.pythonapi's function objects are shared by the whole process,
+        # and their argtypes and restype are whatever the last library to set them chose.
+        api = ctypes.PyDLL(None)
         self.new: dict[type, Any] = {}
         self.data: dict[type, Any] = {}
         for kind, prefix in ((bytes, "PyBytes"), (bytearray, "PyByteArray")):
@@ -322,7 +324,7 @@ def copy_out(src: Any, kind: type[bytes] | type[bytearray]) -> bytes | bytearray
     possible (no ``madvise``, not CPython), a plain copy.
     """
     global _copier, _HUGE_ADVICE
-    n = src.nbytes if type(src) is memoryview else 0
+    n = src.nbytes if type(src) is memoryview and src.ndim == 1 and src.format == "B" else 0
     if n < HUGE_COPY or _HUGE_ADVICE is None:
         return kind(src)
     if _copier is None:
@@ -345,26 +347,32 @@ def copy_out(src: Any, kind: type[bytes] | type[bytearray]) -> bytes | bytearray
 
 
 class Landing:
-    """Where the parent copies a worker's large results that do not own their memory: numpy's
-    arrays, any buffer a ``__reduce_ex__(5)`` hands out, rather than bytes or bytearray.
+    """Where the parent copies a worker's large numpy arrays: blocks of its own, reused.
 
-    ``copy_out`` gives each such buffer a fresh bytearray, and a fresh block of that size is
-    fresh pages, zeroed by the kernel: above 32 MiB glibc maps each one anew. Here it lands in
-    a block of procpool's own (an anonymous mapping advised for huge pages), reused for a later
-    result as soon as nothing refers to the block any more. Every view of a block, and so every
-    array built on one, holds a reference to it (a memoryview's buffer holds its exporter), so
-    a block whose only reference is this list is unused: a liveness test without callbacks.
+    ``copy_out`` gives each buffer a fresh bytearray, and a fresh block that large is fresh pages,
+    zeroed by the kernel (above 32 MiB glibc maps each one anew). A numpy array's buffer (marked
+    ``LAND`` by its sender) lands instead in a block of procpool's own, a private anonymous
+    mapping advised for huge pages, reused for a later array as soon as nothing refers to the
+    block any more. An array rebuilt on a block holds its memoryview, whose buffer holds the
+    block, and so do any view, slice, ``memoryview``, read-only wrapper or pickle buffer made from
+    it: so a block whose only reference is this list is unused, a liveness test without callbacks.
+    (Releasing the memoryview under a live array by hand, ``arr.base.release()``, defeats it, as
+    it frees a bytearray under an array.)
 
-    A channel keeps at most LANDING_MAX bytes of blocks, used or not; when results the caller
-    keeps take them all, the next one is a plain copy (``copy_out``). The blocks are unmapped
-    when the channel closes (the worker leaves); one still in use then stays until its last
-    array is gone.
+    A block is reused only for an array of at least half its size, so a small kept array does
+    not hold a large block. A channel keeps at most LANDING_MAX bytes of blocks, used or not;
+    when the arrays the caller keeps take them all, the next one is a plain copy. ``trim``
+    unmaps the blocks left unused since the last ``trim`` (the pool's monitor calls it every
+    half second), so memory goes back soon after a stream ends; ``close`` unmaps the unused ones
+    when the worker leaves, and one still in use then stays until its last array goes.
     """
 
-    __slots__ = ("blocks",)
+    __slots__ = ("_idle", "blocks")
 
     def __init__(self) -> None:
         self.blocks: list[mmap.mmap] = []
+        # ids of the blocks unused at the last trim and not handed out since.
+        self._idle: set[int] = set()
 
     def copy(self, src: Any) -> Any:
         """A buffer with the contents of ``src`` (a view of the result area) that the caller owns."""
@@ -372,31 +380,37 @@ class Landing:
         block = self._block(n) if n >= HUGE_COPY else None
         if block is None:
             return copy_out(src, bytearray)
+        self._idle.discard(id(block))
         view = memoryview(block)[:n]
         view[:] = src
         return view
 
     def _unused(self) -> list[int]:
-        # The list's reference and getrefcount's own argument: nothing else holds the block.
+        """Indices of the blocks nothing else refers to (closed ones are dropped first)."""
         blocks = self.blocks
+        if any(b.closed for b in blocks):  # closed by hand through a reference to it
+            blocks[:] = [b for b in blocks if not b.closed]
+        # The list's reference and getrefcount's own argument: nothing else holds the block.
         return [i for i in range(len(blocks)) if sys.getrefcount(blocks[i]) == 2]
 
     def _block(self, n: int) -> mmap.mmap | None:
         blocks = self.blocks
         unused = self._unused()
-        fits = [i for i in unused if len(blocks[i]) >= n]
+        fits = [i for i in unused if n <= len(blocks[i]) <= 2 * n]
         if fits:
             return blocks[min(fits, key=lambda i: len(blocks[i]))]
         size = (n + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
         total = sum(len(b) for b in blocks)
-        for i in sorted(unused, reverse=True):  # too small: make room (indices fall from the end)
+        for i in sorted(unused, reverse=True):  # no fit: make room (indices fall from the end)
             if total + size <= LANDING_MAX:
                 break
             total -= len(blocks[i])
             blocks.pop(i).close()
         if total + size > LANDING_MAX:
             return None
-        block = mmap.mmap(-1, size)
+        # Private: a fork of the parent gets its own copy of the arrays, and huge pages follow
+        # the kernel's setting for anonymous memory (a shared mapping follows shmem's).
+        block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)  # mmap adds MAP_ANONYMOUS
         if _HUGE_ADVICE is not None:
             try:
                 block.madvise(_HUGE_ADVICE)
@@ -404,6 +418,17 @@ class Landing:
                 pass
         blocks.append(block)
         return block
+
+    def trim(self) -> None:
+        """Unmap the blocks unused now and at the last trim, with none handed out in between."""
+        blocks = self.blocks
+        unused = {id(blocks[i]) for i in self._unused()}
+        stale = unused & self._idle
+        if stale:
+            for block in [b for b in blocks if id(b) in stale]:
+                blocks.remove(block)
+                block.close()
+        self._idle = unused - stale
 
     def close(self) -> None:
         """Unmap the unused blocks and forget the rest (the arrays on them unmap them at the end)."""
@@ -413,6 +438,7 @@ class Landing:
             except BufferError:  # pragma: no cover - an export holds a reference: not unused
                 pass
         self.blocks = []
+        self._idle = set()
 
 
 def worker_arena(fd: int, limit: int) -> Arena:

@@ -222,6 +222,11 @@ class Worker:
             self._call_fd = -1
         self.close_files()
 
+    def trim_buffers(self) -> None:
+        """Give back the parent's memory for large results that no result has used lately."""
+        if self._channel is not None:
+            self._channel.trim()
+
     def close_files(self) -> None:
         """Close the descriptors the slot holds for its process (its loop may be gone)."""
         if self._channel is not None:

@@ -96,7 +96,7 @@ def address_of(value: Any) -> int:
     import ctypes
 
     if isinstance(value, bytes):
-        as_string = ctypes.pythonapi.PyBytes_AsString
+        as_string = ctypes.PyDLL(None).PyBytes_AsString  # not pythonapi's, which the process shares
         as_string.argtypes, as_string.restype = (ctypes.py_object,), ctypes.c_void_p
         return int(as_string(value))
     if isinstance(value, bytearray):
@@ -130,3 +130,10 @@ def filled(n: int, value: int, readonly: bool = False) -> Any:
     out = np.full(n, value, dtype=np.uint8)
     out.flags.writeable = not readonly
     return out
+
+
+def pickle_buffer(n: int) -> Any:
+    """A result that is a bare PickleBuffer: not numpy's, so it arrives as a bytearray."""
+    import pickle
+
+    return pickle.PickleBuffer(bytearray(b"\x05") * n)

@@ -4,7 +4,9 @@ the pipe path's framing and writes; the size limit and the inline fallback."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import mmap
+import multiprocessing
 import os
 import pickle
 import queue
@@ -13,6 +15,7 @@ import resource
 import data_tasks
 import numpy as np
 import pytest
+from helpers import wait_until
 
 from procpool import SerializationError, WorkerPool, _child, _shm
 from procpool import _messages as m
@@ -181,6 +184,124 @@ def test_a_landing_keeps_at_most_its_limit_and_copies_plainly_beyond():
         landing.close()
         view.release()
         source.close()
+
+
+async def test_large_copies_neither_use_nor_change_what_others_set_on_ctypes_pythonapi(pool):
+    """Large copies work whatever another library set on ctypes.pythonapi, and leave its settings alone."""
+    shared = ctypes.pythonapi.PyBytes_AsString
+    saved = shared.argtypes, shared.restype
+    shared.argtypes, shared.restype = (ctypes.py_object,), ctypes.c_char_p
+    try:
+        data = os.urandom(2 * _shm.HUGE_COPY)
+        assert await pool.apply(data_tasks.identity, (data,)) == data
+        assert shared.restype is ctypes.c_char_p and shared(b"theirs") == b"theirs"
+    finally:
+        shared.argtypes, shared.restype = saved
+
+
+def _forked_child_reads(array, conn):
+    conn.recv()  # the parent has dropped its copy and taken more results meanwhile
+    conn.send((int(array.min()), int(array.max())))
+    array[:] = 42
+    conn.send("written")
+
+
+async def test_a_fork_of_the_parent_gets_its_own_copy_of_a_landed_array(pool):
+    """A forked child's landed array stays its own: the parent's reuse and the child's writes do not cross."""
+    n = 2 * _shm.HUGE_COPY
+    array = await pool.apply(data_tasks.filled, (n, 1))
+    ours, theirs = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_forked_child_reads, args=(array, theirs))
+    child.start()
+    try:
+        del array
+        for value in range(2, 8):  # the block is free in the parent: these reuse it
+            last = await pool.apply(data_tasks.filled, (n, value))
+        ours.send("go")
+        assert ours.recv() == (1, 1)
+        assert ours.recv() == "written"
+        assert int(last.min()) == 7 == int(last.max())
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert child.exitcode == 0
+
+
+async def test_a_large_buffer_that_is_not_numpys_arrives_as_a_bytearray(pool):
+    """A large out-of-band buffer other than a numpy array's arrives as a bytearray, whatever its size."""
+    for n in (BIG, 2 * _shm.HUGE_COPY):
+        back = await pool.apply(data_tasks.pickle_buffer, (n,))
+        assert type(back) is bytearray and back == b"\x05" * n
+
+
+def test_a_numpy_result_that_came_inline_lands_too():
+    """A large numpy result that went through the pipe (the result area was full) arrives intact."""
+    n = 2 * _shm.HUGE_COPY
+    limit = n + _shm.ALIGN
+    fd = _shm.create(limit)
+    assert fd is not None
+    arena = _shm.Arena(fd, limit)
+    landing = _shm.Landing()
+    try:
+        calls: queue.Queue = queue.Queue()
+        results: queue.Queue = queue.Queue()
+        for seq in (1, 2):
+            calls.put(m.body(seq, m.CALL, pickle.dumps((data_tasks.filled, (n, seq), {}))))
+        calls.put(m.body(0, m.EXIT))
+        state = [0] * m.STATE_SIZE  # RESULT_ACK never moves: nothing read yet
+        _child.serve(calls, results, state, arena)
+        first, second = results.get(), results.get()
+        for seq, reply in ((1, first), (2, b"".join(bytes(p) for p in second))):
+            body = bytearray(reply)[m.HEADER.size :]  # as the parent's reader hands a large body on
+            array = m.loads(body, arena.view, landing)
+            assert int(array.min()) == seq == int(array.max())
+        assert not m.spans(memoryview(b"".join(bytes(p) for p in second))[m.HEADER.size :])
+    finally:
+        landing.close()
+        arena.close()
+
+
+def test_a_landing_gives_back_blocks_unused_since_its_last_trim_and_survives_a_closed_one():
+    """trim() unmaps blocks idle across two trims, keeps those in use, and a block closed by hand is dropped."""
+    source = mmap.mmap(-1, 64 * 1024 * 1024)
+    view = memoryview(source)
+    landing = _shm.Landing()
+    try:
+        kept = landing.copy(view[: 16 * 1024 * 1024])
+        landing.copy(view[: 16 * 1024 * 1024])  # dropped at once
+        assert len(landing.blocks) == 2
+        landing.trim()  # the unused one is idle from now
+        assert len(landing.blocks) == 2
+        landing.trim()
+        assert landing.blocks == [kept.obj]
+        small = landing.copy(view[: _shm.HUGE_COPY])  # not in a block over twice its size
+        assert len(small.obj) < 2 * _shm.HUGE_COPY + _shm.HUGE_PAGE
+        block = small.obj
+        small.release()
+        del small
+        block.close()
+        del block
+        assert type(landing.copy(view[: _shm.HUGE_COPY])) is memoryview
+        assert all(not b.closed for b in landing.blocks)
+        del kept
+    finally:
+        landing.close()
+        view.release()
+        source.close()
+
+
+async def test_a_running_pool_gives_back_its_landing_blocks_soon_after_a_stream_ends(pool):
+    """Once large results stop coming, the pool's monitor unmaps the parent's landing blocks."""
+
+    def blocks() -> int:
+        return sum(len(w._channel._landing.blocks) for w in pool.workers if w._channel is not None)
+
+    for _ in range(2):
+        await asyncio.gather(*(pool.apply(data_tasks.filled, (2 * _shm.HUGE_COPY, 1)) for _ in range(6)))
+    assert blocks() > 0
+    await wait_until(lambda: blocks() == 0)
 
 
 async def test_large_arrays_outlive_the_pool_that_made_them():
