@@ -20,6 +20,7 @@ import _pickle as pickle
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Callable
 
 from procpool import _shm
@@ -72,7 +73,8 @@ _HUGE_LENGTH = struct.Struct("!Q")
 # the sender's area of the arena, or, with INLINE, in the body after the pickle (the fallback when
 # the area is full). OWN marks buffers of bytes/bytearray/memoryview, which their own rebuild
 # function copies; any other (numpy's, a PickleBuffer's) is copied into a bytearray on arrival,
-# except that a numpy array's (LAND) may land in a parent's reused block (_shm.Landing).
+# except that LAND marks those of numpy's own reduction of an ndarray, which may land in the
+# parent's reused blocks (_shm.Landing; see _dumps_marking_arrays).
 _COUNT = struct.Struct("!HQ")  # buffer count, pickle length
 _ENTRY = struct.Struct("!QQB")  # offset, length, flags
 INLINE = 1
@@ -223,7 +225,7 @@ class _Own:
 
     __slots__ = ("obj", "own")
 
-    def __init__(self, obj: Any, own: set[int]) -> None:
+    def __init__(self, obj: Any, own: dict[int, Any]) -> None:
         self.obj = obj
         # ids of the PickleBuffers made here: their rebuild function copies, so they can be
         # handed the shared memory itself (numpy's would keep a view of it).
@@ -236,10 +238,10 @@ class _Own:
             # of it, and a memoryview with exports that ends in a reference cycle crashes the
             # garbage collector (CPython's memory_clear); a copy is also a snapshot.
             buf = pickle.PickleBuffer(obj.tobytes())
-            self.own.add(id(buf))
+            self.own[id(buf)] = buf
             return (_rebuild_view, (buf, obj.readonly, obj.format, obj.shape))
         buf = pickle.PickleBuffer(obj)
-        self.own.add(id(buf))
+        self.own[id(buf)] = buf
         return (_rebuild_bytes if type(obj) is bytes else _rebuild_bytearray, (buf,))
 
 
@@ -262,7 +264,7 @@ _LARGE_TYPES = (bytes, bytearray, memoryview)
 _SCALARS = frozenset({int, float, str, bool, type(None), complex})
 
 
-def _wrap(obj: Any, threshold: int, own: set[int]) -> Any:
+def _wrap(obj: Any, threshold: int, own: dict[int, Any]) -> Any:
     """``obj`` with a large bytes/bytearray/memoryview at its top level (or one level into a short
     tuple or list) marked for out-of-band pickling; the pickler never offers them on its own."""
     t = type(obj)
@@ -277,8 +279,32 @@ def _wrap(obj: Any, threshold: int, own: set[int]) -> Any:
     return obj
 
 
+def _dumps_marking_arrays(obj: Any, take: Any, ndarray: type, lands: dict[int, Any]) -> bytes:
+    """``pickle.dumps(obj, 5, buffer_callback=take)``, with the PickleBuffers that numpy's own
+    reduction of a plain ``ndarray`` hands out put in ``lands`` (kept alive, so that their ids
+    stay theirs): the receiver rebuilds those with numpy's ``_frombuffer``, which keeps whatever
+    buffer it is given, so they may land in the parent's reused blocks (``_shm.Landing``). Any
+    other buffer, even one a task made of an array itself, arrives as a bytearray."""
+    import copyreg
+    import io
+
+    def reduce_array(array: Any) -> Any:
+        rv = array.__reduce_ex__(5)
+        args = rv[1] if type(rv) is tuple and len(rv) > 1 else ()
+        if getattr(rv[0], "__name__", None) == "_frombuffer" and args and type(args[0]) is pickle.PickleBuffer:
+            lands[id(args[0])] = args[0]
+        return rv
+
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, 5, buffer_callback=take)
+    # The exact type only (subclasses pickle their own way), and the process's table for the rest.
+    pickler.dispatch_table = {**copyreg.dispatch_table, ndarray: reduce_array}
+    pickler.dump(obj)
+    return out.getvalue()
+
+
 def dumps(
-    obj: Any, limit: int | None = None, threshold: int = _shm.THRESHOLD, own: set[int] | None = None
+    obj: Any, limit: int | None = None, threshold: int = _shm.THRESHOLD, own: dict[int, Any] | None = None
 ) -> bytes | OutOfBand:
     """Pickle ``obj``; buffers of at least ``threshold`` bytes are left out of band (protocol 5).
 
@@ -289,7 +315,7 @@ def dumps(
     if type(obj) in _SCALARS:  # the hot path of tiny tasks: nothing to look for
         return pickle.dumps(obj, 5)
     if own is None:  # else the caller has wrapped what needs it
-        own = set()
+        own = {}
         obj = _wrap(obj, threshold, own)
     if limit is not None and limit <= 0:
         return pickle.dumps(obj, 5)  # the wrapped buffers go in band too
@@ -304,16 +330,15 @@ def dumps(
         if raw.nbytes < threshold:
             return True
         buffers.append(raw)
-        exporter = type(raw.obj)
-        if id(buf) in own:
-            flags.append(OWN)
-        elif exporter.__name__ == "ndarray" and exporter.__module__ == "numpy":
-            flags.append(LAND)  # numpy's arrays keep any buffer they are rebuilt on: see Landing
-        else:
-            flags.append(0)
+        flags.append(OWN if id(buf) in own else LAND if id(buf) in lands else 0)
         return False
 
-    data = pickle.dumps(obj, 5, buffer_callback=take)
+    lands: dict[int, Any] = {}
+    numpy = sys.modules.get("numpy")
+    if numpy is None:  # then obj holds no array
+        data = pickle.dumps(obj, 5, buffer_callback=take)
+    else:
+        data = _dumps_marking_arrays(obj, take, numpy.ndarray, lands)
     if not buffers:
         return data
     if limit is None:
@@ -383,7 +408,12 @@ def loads(payload: Any, area: memoryview | None, landing: _shm.Landing | None = 
             buffers.append(landing.copy(src))
         else:
             buffers.append(_shm.copy_out(src, bytearray))
-    return pickle.loads(data, buffers=buffers)
+    src = None
+    try:
+        return pickle.loads(data, buffers=buffers)
+    except BaseException:
+        buffers.clear()  # the traceback keeps this frame: it must not keep landed blocks in use
+        raise
 
 
 def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -393,7 +423,7 @@ def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     band, to travel through shared memory: see ``dumps``.
     """
     sent_args, sent_kwargs = args, kwargs
-    own: set[int] = set()
+    own: dict[int, Any] = {}
     scalars = not kwargs
     for a in args:
         t = type(a)

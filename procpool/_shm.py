@@ -24,11 +24,11 @@ not touched yet costs a page fault and a zeroed page per 4 KiB (about 1 to 2 GB/
 10 GB/s and more for a copy into memory the process already has), and glibc's malloc gives back
 large blocks as soon as they are freed. In a worker process (``worker_arena``) procpool therefore
 asks malloc to keep them (``keep_freed_bytes``); in the parent, the caller's process, only if the
-caller opts in (``keep_freed_memory``, public as ``procpool.keep_freed_memory``). Either way, a copy
-of ``HUGE_COPY`` bytes or more asks for transparent huge pages for the new object's own memory
-(``copy_out``): one fault and one zeroed 2 MiB page instead of 512 small ones. In the parent, a
-large buffer that is not a bytes or bytearray (numpy's) lands instead in memory of procpool's own
-that is recycled once nothing refers to it any more (``Landing``): no fresh pages at all.
+caller opts in (``keep_freed_memory``, public as ``procpool.keep_freed_memory``). Where malloc
+does not keep them, a copy of ``HUGE_COPY`` bytes or more asks for transparent huge pages for the
+new object's own memory (``copy_out``): one fault and one zeroed 2 MiB page instead of 512 small
+ones. In the parent, the buffer of a numpy array rebuilt by numpy lands instead in memory of
+procpool's own that is reused once nothing refers to it any more (``Landing``): no fresh pages.
 """
 
 from __future__ import annotations
@@ -274,7 +274,11 @@ def keep_freed_bytes(size: int = KEEP_FREED) -> bool:
     except (ValueError, OSError, AttributeError, ImportError):  # pragma: no cover - no glibc mallopt
         return False
     # 1 on success. Setting either turns glibc's moving threshold off, so both are set.
-    return bool(mallopt(_M_MMAP_THRESHOLD, size) == 1 and mallopt(_M_TRIM_THRESHOLD, size) == 1)
+    kept = bool(mallopt(_M_MMAP_THRESHOLD, size) == 1 and mallopt(_M_TRIM_THRESHOLD, size) == 1)
+    if kept:  # large copies now come from the heap and reuse its pages: no advice (see copy_out)
+        global _advise_copies
+        _advise_copies = False
+    return kept
 
 
 class _Copier:
@@ -308,6 +312,8 @@ class _Copier:
 
 _copier: _Copier | None = None
 _HUGE_ADVICE = getattr(mmap, "MADV_HUGEPAGE", None)
+# False once this process's malloc keeps freed memory (keep_freed_bytes): see copy_out.
+_advise_copies = True
 _PYBUF_WRITE = 0x200
 
 
@@ -315,17 +321,21 @@ def copy_out(src: Any, kind: type[bytes] | type[bytearray]) -> bytes | bytearray
     """``kind(src)``: a new bytes or bytearray with the contents of ``src``, a view of the arena.
 
     When ``src`` is ``HUGE_COPY`` bytes or more, the new object's memory (fresh pages, for a block
-    that large) is first advised for transparent huge pages (``madvise(MADV_HUGEPAGE)`` on the whole
-    2 MiB pages inside it, nothing else): where the kernel allows them (``enabled`` is ``always``
-    or ``madvise``), a 64 MiB result takes 32 page faults instead of 16,384 and is copied about 4x
-    faster. The advice covers only whole pages inside the new object; memory that malloc later
-    reuses there stays advised, as glibc's own ``glibc.malloc.hugetlb=1`` does for all of it, and
-    no huge page is ever partly outside the object, so it costs no memory. Where none of this is
-    possible (no ``madvise``, not CPython), a plain copy.
+    that large from glibc's default malloc) is first advised for transparent huge pages
+    (``madvise(MADV_HUGEPAGE)`` on the whole 2 MiB pages inside it, nothing else): where the
+    kernel allows them (``enabled`` is ``always`` or ``madvise``), a 64 MiB result takes 32 page
+    faults instead of 16,384 and costs the parent about a third of the CPU. Only whole pages
+    inside the object are advised, so a huge page faulted there lies inside it. The advice stays
+    on that address range after the object is freed: where malloc reuses the range from its heap
+    and something later gives part of it back (``malloc_trim``), touching that part again faults
+    in a whole 2 MiB page. A process whose malloc keeps freed memory (``keep_freed_bytes``: every
+    worker, and a parent that called ``keep_freed_memory``) reuses heap pages that are already
+    there, so its copies are not advised at all. Elsewhere (no ``madvise``, not CPython), a plain
+    copy.
     """
     global _copier, _HUGE_ADVICE
     n = src.nbytes if type(src) is memoryview and src.ndim == 1 and src.format == "B" else 0
-    if n < HUGE_COPY or _HUGE_ADVICE is None:
+    if n < HUGE_COPY or _HUGE_ADVICE is None or not _advise_copies:
         return kind(src)
     if _copier is None:
         try:
@@ -347,17 +357,17 @@ def copy_out(src: Any, kind: type[bytes] | type[bytearray]) -> bytes | bytearray
 
 
 class Landing:
-    """Where the parent copies a worker's large numpy arrays: blocks of its own, reused.
+    """Where the parent copies the buffers of a worker's large numpy arrays: blocks, reused.
 
     ``copy_out`` gives each buffer a fresh bytearray, and a fresh block that large is fresh pages,
-    zeroed by the kernel (above 32 MiB glibc maps each one anew). A numpy array's buffer (marked
-    ``LAND`` by its sender) lands instead in a block of procpool's own, a private anonymous
+    zeroed by the kernel (above 32 MiB glibc maps each one anew). The buffer of a numpy array that
+    numpy rebuilds (marked ``LAND`` by its sender) lands instead in a block of procpool's own, a private anonymous
     mapping advised for huge pages, reused for a later array as soon as nothing refers to the
     block any more. An array rebuilt on a block holds its memoryview, whose buffer holds the
     block, and so do any view, slice, ``memoryview``, read-only wrapper or pickle buffer made from
     it: so a block whose only reference is this list is unused, a liveness test without callbacks.
-    (Releasing the memoryview under a live array by hand, ``arr.base.release()``, defeats it, as
-    it frees a bytearray under an array.)
+    (numpy keeps no export of that memoryview, so releasing it by hand under a live array,
+    ``arr.base.base.release()``, defeats the test, as it would free a bytearray under the array.)
 
     A block is reused only for an array of at least half its size, so a small kept array does
     not hold a large block. A channel keeps at most LANDING_MAX bytes of blocks, used or not;

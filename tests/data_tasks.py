@@ -137,3 +137,29 @@ def pickle_buffer(n: int) -> Any:
     import pickle
 
     return pickle.PickleBuffer(bytearray(b"\x05") * n)
+
+
+def pickle_buffer_of_array(n: int) -> Any:
+    """A bare PickleBuffer a task made of a numpy array: numpy does not rebuild it."""
+    import pickle
+
+    import numpy as np
+
+    return pickle.PickleBuffer(np.full(n, 5, dtype=np.uint8))
+
+
+def _explode() -> None:
+    raise ValueError("this object cannot be rebuilt")
+
+
+class Unloadable:
+    """Pickles in the worker; rebuilding it in the parent raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode, ())
+
+
+def array_then_unloadable(n: int) -> tuple[Any, Unloadable]:
+    import numpy as np
+
+    return np.full(n, 1, dtype=np.uint8), Unloadable()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import mmap
 import multiprocessing
 import os
@@ -103,14 +104,12 @@ def test_a_large_copy_out_of_shared_memory_is_exact_at_any_alignment():
 
 
 @pytest.mark.skipif(not THP, reason="no transparent huge pages here")
-async def test_large_buffers_land_in_memory_advised_for_huge_pages_on_both_sides(pool):
-    """A large result, and a large argument in the worker, land in memory advised for huge pages."""
-    small = bytes(_shm.HUGE_COPY // 2)  # no whole huge page of its own: left alone (checked first,
-    assert not await pool.apply(data_tasks.argument_is_huge_page_advised, (small,))  # on a fresh heap)
+async def test_large_results_land_in_memory_advised_for_huge_pages_but_not_in_a_worker(pool):
+    """The parent's copy of a large result is advised for huge pages; a worker's (its malloc keeps memory) is not."""
     n = 4 * _shm.HUGE_COPY + 3
     for make in (bytes, bytearray, lambda data: np.frombuffer(data, dtype=np.uint8).copy()):
         value = make(os.urandom(n))
-        assert await pool.apply(data_tasks.argument_is_huge_page_advised, (value,))
+        assert not await pool.apply(data_tasks.argument_is_huge_page_advised, (value,))
         back = await pool.apply(data_tasks.identity, (value,))
         assert type(back) is type(value) and bytes(back) == bytes(value)
         assert data_tasks.huge_page_advised(data_tasks.address_of(back) + n // 2)
@@ -234,6 +233,22 @@ async def test_a_large_buffer_that_is_not_numpys_arrives_as_a_bytearray(pool):
     for n in (BIG, 2 * _shm.HUGE_COPY):
         back = await pool.apply(data_tasks.pickle_buffer, (n,))
         assert type(back) is bytearray and back == b"\x05" * n
+        back = await pool.apply(data_tasks.pickle_buffer_of_array, (n,))  # made of an array, by the task
+        assert type(back) is bytearray and back == b"\x05" * n
+
+
+async def test_a_result_that_fails_to_unpickle_leaves_no_landing_block_in_use(pool):
+    """When a result fails to unpickle after its array landed, the error held does not keep the block."""
+    gc.disable()  # the traceback's cycle must not need the collector
+    try:
+        with pytest.raises(SerializationError) as caught:
+            await pool.apply(data_tasks.array_then_unloadable, (2 * _shm.HUGE_COPY,))
+        landings = [w._channel._landing for w in pool.workers if w._channel is not None]
+        assert sum(len(landing.blocks) for landing in landings) == 1
+        assert all(len(landing._unused()) == len(landing.blocks) for landing in landings)
+        assert caught.value is not None
+    finally:
+        gc.enable()
 
 
 def test_a_numpy_result_that_came_inline_lands_too():
