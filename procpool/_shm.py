@@ -211,13 +211,15 @@ def keep_freed_memory(megabytes: int = PARENT_KEEP_FREED_MB) -> bool:
     (`mallopt(3)`) to `megabytes` MiB: smaller blocks come from the heap, and up to that much free
     heap stays, so the next result reuses the last one's pages.
 
-    Use it when results of a few MiB and up stream back and the process can spare the memory; call
-    it once, at start, before the pools run. Measured on a shared 2-core VM (glibc 2.36, echo
-    tasks, 6 in flight, medians of 3 runs): 16 MiB `bytes` results went from 2259 to 3924 MiB/s
-    (parent page faults per result 2559 -> 264, parent CPU 6.7 -> 3.1 ms), 64 MiB `bytes` from 1534
-    to 3131 MiB/s, numpy arrays of 16 and 64 MiB from 2540 to 3276 and from 1400 to 2874 MiB/s.
-    After a stream of 64 MiB results, all of them dropped, the parent's private memory stayed 129
-    to 193 MiB over what it was before the stream (1 MiB over without the call).
+    Use it when results of about 1 to 4 MiB stream back and the process can spare the memory;
+    call it once, at start, before the pools run. From 4 MiB up procpool needs no help: copies
+    that large are advised for huge pages and numpy's land in reused blocks (``copy_out``,
+    ``Landing``). Measured on a shared 2-core VM (glibc 2.36, echo tasks, 6 in flight, medians of
+    3 runs): 1 MiB `bytes` results went from 2,323 to 9,691 MiB/s and 1 MiB numpy arrays from
+    3,514 to 9,054 MiB/s; 16 MiB `bytes` from 4,448 to 4,504. After a stream of 64 MiB results,
+    all of them dropped, the parent's private memory stayed 129 to 193 MiB over what it was
+    before the stream (measured before the landing blocks, which the pool gives back about a
+    second after a stream ends; 1 MiB over without the call).
 
     The cost, all of it process-wide (every thread's allocations, not only procpool's): the
     process may keep up to `megabytes` MiB of freed memory it would have given back, and more
