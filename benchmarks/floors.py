@@ -11,6 +11,10 @@ Measured, each in this one process, one after the other:
 
 * round-trip latency p50: one tiny task at a time, 2,000 of them: procpool, billiard,
   multiprocessing.Pool, and a raw ``multiprocessing.Pipe`` ping-pong with a forked echo process;
+  then procpool and the raw ping-pong again with the parent and the other side pinned to the
+  same CPU, and to two different CPUs (Linux, 2 CPUs or more): where the scheduler puts the two
+  sides changes a round trip more than either side's code does (on a 2-vCPU VM here: about
+  12 µs against 53 µs for the raw ping-pong), so only the pinned pairs compare like with like;
 * map of 200,000 tiny items: ``pool.map(...).chunks()``, the per-item ``async for``, and
   ``multiprocessing.Pool.map``;
 * cold start: in a fresh interpreter per library and repeat, so every repeat is really cold, the
@@ -28,6 +32,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import statistics
 import subprocess
 import sys
@@ -49,11 +54,32 @@ def _pong(calls: multiprocessing.connection.Connection, results: multiprocessing
         results.send(x * x)
 
 
-def raw_ping_pong() -> float:
+# Pinned placements for the latency pairs: (the parent's CPU, the other side's CPU).
+PLACEMENTS = {"same": (0, 0), "cross": (0, 1)}
+
+
+def _can_pin() -> bool:
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2 and {0, 1} <= os.sched_getaffinity(0)
+
+
+def _pinned(pids: list[int], placement: tuple[int, int] | None) -> set[int] | None:
+    """Pin this thread and ``pids`` as ``placement`` says; the thread's CPUs before, to restore."""
+    if placement is None:
+        return None
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {placement[0]})
+    for pid in pids:
+        os.sched_setaffinity(pid, {placement[1]})
+    return before
+
+
+def raw_ping_pong(placement: tuple[int, int] | None = None) -> float:
     a, b = multiprocessing.Pipe(duplex=False)
     c, d = multiprocessing.Pipe(duplex=False)
     proc = multiprocessing.get_context("fork").Process(target=_pong, args=(a, d))
     proc.start()
+    assert proc.pid is not None
+    before = _pinned([proc.pid], placement)
     lat = []
     for i in range(N_LATENCY):
         t = time.perf_counter()
@@ -62,6 +88,26 @@ def raw_ping_pong() -> float:
         lat.append(time.perf_counter() - t)
     proc.kill()
     proc.join()
+    if before is not None:
+        os.sched_setaffinity(0, before)
+    return statistics.median(lat) * 1e6
+
+
+async def procpool_latency(placement: tuple[int, int]) -> float:
+    """procpool's round trip with the event loop and the workers pinned as ``placement`` says."""
+    import procpool
+
+    async with procpool.WorkerPool() as pool:
+        for i in range(200):
+            await pool.submit(w.square, i)
+        before = _pinned([worker.pid for worker in pool.workers if worker.pid is not None], placement)
+        lat = []
+        for i in range(N_LATENCY):
+            t = time.perf_counter()
+            await pool.submit(w.square, i)
+            lat.append(time.perf_counter() - t)
+        if before is not None:
+            os.sched_setaffinity(0, before)
     return statistics.median(lat) * 1e6
 
 
@@ -183,6 +229,10 @@ def one_run(tmp: Path, cold_only: bool = False) -> dict[str, float]:
 
     figures = asyncio.run(procpool_figures())
     figures["raw_us"] = raw_ping_pong()
+    if _can_pin():
+        for name, placement in PLACEMENTS.items():
+            figures[f"latency_{name}_us"] = asyncio.run(procpool_latency(placement))
+            figures[f"raw_{name}_us"] = raw_ping_pong(placement)
     with billiard.Pool(3) as bp:
         figures["billiard_us"] = sync_pool_latency(bp)
     with multiprocessing.Pool(3) as mp:
@@ -241,6 +291,14 @@ def _floor_checks(med: dict[str, float]) -> list[tuple[str, bool, str]]:
          f"{med['latency_us']:.0f} us vs billiard {med['billiard_us']:.0f}, multiprocessing.Pool {med['mp_us']:.0f}"),
         ("latency p50 at most 1.3x a raw pipe ping-pong", med["latency_us"] <= 1.3 * med["raw_us"],
          f"{med['latency_us']:.0f} us vs raw {med['raw_us']:.0f} us ({med['latency_us'] / med['raw_us']:.2f}x)"),
+        *[
+            (f"latency p50 at most 1.3x the raw ping-pong, both pinned to {label}",
+             med[f"latency_{name}_us"] <= 1.3 * med[f"raw_{name}_us"],
+             f"{med[f'latency_{name}_us']:.0f} us vs raw {med[f'raw_{name}_us']:.0f} us "
+             f"({med[f'latency_{name}_us'] / med[f'raw_{name}_us']:.2f}x)")
+            for name, label in (("same", "one CPU"), ("cross", "two CPUs"))
+            if f"latency_{name}_us" in med
+        ],
         (f"map of {N_MAP:,} tiny items at least multiprocessing.Pool.map", med["map_chunks"] >= med["mp_map"],
          f"chunks() {med['map_chunks'] / 1e6:.2f}M/s, per item {med['map_items'] / 1e6:.2f}M/s, "
          f"multiprocessing.Pool.map {med['mp_map'] / 1e6:.2f}M/s"),
