@@ -123,8 +123,10 @@ def _block_under(array):
     return seen
 
 
-async def test_large_array_results_land_in_memory_the_parent_reuses_once_dropped():
+async def test_large_array_results_land_in_memory_the_parent_reuses_once_dropped(monkeypatch):
     """A stream of large numpy results, each dropped, faults no fresh pages into the parent."""
+    # Giving idle blocks back has a test of its own; here a slow machine must not trigger it.
+    monkeypatch.setattr(_shm.Landing, "trim", lambda self: None)
     n = 64 * 1024 * 1024
     async with WorkerPool("landing") as pool:
         for _ in range(2):  # every worker's channel has its blocks
@@ -244,7 +246,7 @@ async def test_a_result_that_fails_to_unpickle_leaves_no_landing_block_in_use(po
         with pytest.raises(SerializationError) as caught:
             await pool.apply(data_tasks.array_then_unloadable, (2 * _shm.HUGE_COPY,))
         landings = [w._channel._landing for w in pool.workers if w._channel is not None]
-        assert sum(len(landing.blocks) for landing in landings) == 1
+        assert sum(len(landing.blocks) for landing in landings) <= 1  # 0: already given back, unused
         assert all(len(landing._unused()) == len(landing.blocks) for landing in landings)
         assert caught.value is not None
     finally:
