@@ -335,7 +335,7 @@ def copy_out(src: Any, kind: type[bytes] | type[bytearray]) -> bytes | bytearray
     there, so its copies are not advised at all. Elsewhere (no ``madvise``, not CPython), a plain
     copy.
     """
-    global _copier, _HUGE_ADVICE
+    global _copier, _advise_copies
     n = src.nbytes if type(src) is memoryview and src.ndim == 1 and src.format == "B" else 0
     if n < HUGE_COPY or _HUGE_ADVICE is None or not _advise_copies:
         return kind(src)
@@ -343,7 +343,7 @@ def copy_out(src: Any, kind: type[bytes] | type[bytearray]) -> bytes | bytearray
         try:
             _copier = _Copier()
         except (OSError, AttributeError, ImportError):  # pragma: no cover - not CPython on glibc
-            _HUGE_ADVICE = None
+            _advise_copies = False  # copies only: Landing's blocks advise through mmap itself
             return kind(src)
     copier = _copier
     obj = copier.new[kind](None, n)  # not initialised: every byte is written below
@@ -363,9 +363,9 @@ class Landing:
 
     ``copy_out`` gives each buffer a fresh bytearray, and a fresh block that large is fresh pages,
     zeroed by the kernel (above 32 MiB glibc maps each one anew). The buffer of a numpy array that
-    numpy rebuilds (marked ``LAND`` by its sender) lands instead in a block of procpool's own, a private anonymous
-    mapping advised for huge pages, reused for a later array as soon as nothing refers to the
-    block any more. An array rebuilt on a block holds its memoryview, whose buffer holds the
+    numpy rebuilds (marked ``LAND`` by its sender) lands instead in a block of procpool's own, a
+    private anonymous mapping advised for huge pages, reused for a later array as soon as nothing
+    refers to the block any more. An array rebuilt on a block holds its memoryview, whose buffer holds the
     block, and so do any view, slice, ``memoryview``, read-only wrapper or pickle buffer made from
     it: so a block whose only reference is this list is unused, a liveness test without callbacks.
     (numpy keeps no export of that memoryview, so releasing it by hand under a live array,
