@@ -57,15 +57,13 @@ class Channel:
         """Write calls ``(seq, payload)``, in order, with as few syscalls as the pipe allows."""
         small: list[bytes] = []
         parts: list[Any] = []
-        frame = m.frame
-        body = m.body
         for seq, payload in calls:
             if type(payload) is bytes:
-                small.append(frame(body(seq, m.CALL, payload)))
+                small.append(m.framed(seq, m.CALL, payload))
                 continue
             message = self._place_call(seq, payload)
             if type(message) is bytes:
-                small.append(frame(message))
+                small.append(m.frame(message))
             else:  # inline: the buffers go as they are, not joined into one copy
                 if small:
                     parts.append(b"".join(small))

@@ -8,7 +8,6 @@ started). ``serve`` only calls ``.get()``/``.put()``, so a test can drive it wit
 
 from __future__ import annotations
 
-import _pickle as pickle  # the C pickler, as in _messages (pickle.py itself imports re)
 import collections
 import faulthandler
 import os
@@ -74,6 +73,9 @@ class ConnectionQueue:
 
     def put(self, data: Any) -> None:
         """Write one body: bytes-like, or a list of parts sent as one body."""
+        if type(data) is bytes and len(data) <= select.PIPE_BUF - 4:  # one write, whole (atomic)
+            os.write(self.fd, m.frame_header(len(data)) + data)
+            return
         parts = data if type(data) is list else [data]
         m.write_all(self.fd, [m.frame_header(sum(len(p) for p in parts)), *parts])
 
@@ -133,7 +135,9 @@ def _run_coroutine(coro: Any) -> Any:
 def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Arena | None = None) -> None:
     """Run calls until the parent sends EXIT or goes away."""
     dumps = m.dumps
-    loads = pickle.loads
+    load_call = m.load_call
+    functions: dict[bytes, Any] = {}  # the functions of the references received, by their pickle
+    plain = _PLAIN_TYPES
     header = m.HEADER
     header_size = header.size
     reaping = _subreaper
@@ -156,7 +160,7 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Aren
         try:
             try:
                 if kind == m.CALL:
-                    fn, args, kwargs = loads(memoryview(data)[header_size:])
+                    fn, args, kwargs = load_call(data, header_size, functions)
                 else:  # buffers are copied out of the arena here: the task owns what it gets
                     fn, args, kwargs = m.loads(memoryview(data)[header_size:], arena.view if arena else None)
             except BaseException as exc:
@@ -165,7 +169,7 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Aren
                 raise SerializationError(f"the task could not be unpickled in the worker: {exc!r}") from exc
             del data
             result = fn(*args, **kwargs)
-            if isawaitable(result):
+            if type(result) not in plain and isawaitable(result):
                 result = _run_coroutine(result)
             try:
                 out = dumps(result, limit)

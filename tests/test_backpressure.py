@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import pickle
 
 import attacks
 import pytest
 import tasks
 
 from procpool import PoolFull, WorkerPool
+from procpool import _messages as m
 
 pytestmark = pytest.mark.anyio
 
@@ -31,7 +31,7 @@ async def test_a_late_caller_queues_behind_the_waiting_ones(tmp_path):
     submit = pool._tasks.submit
 
     def recording_submit(payload: bytes, timeout: float | None, *options: object):
-        queued.append(pickle.loads(payload)[1][0])  # the argument of every task, in queue order
+        queued.append(m.load_call(payload, 0, {})[1][0])  # the argument of every task, in queue order
         return submit(payload, timeout, *options)
 
     pool._tasks.submit = recording_submit  # type: ignore[method-assign]

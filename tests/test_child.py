@@ -86,3 +86,63 @@ def test_frames_match_multiprocessing_connections_wire_format():
     finally:
         reader.close()
         writer.close()
+
+
+def test_a_plain_function_goes_as_a_reference_that_each_side_resolves_once():
+    """A call to a plain function carries a REF; the worker resolves each reference once, then reuses it."""
+    payload = m.pickle_call(tasks.square, (3,), {})
+    assert payload[0] == m.REF
+    functions: dict[bytes, object] = {}
+    assert m.load_call(m.body(1, m.CALL, payload), m.HEADER.size, functions) == (tasks.square, (3,), {})
+    (key,) = functions
+    functions[key] = tasks.add  # what the worker remembers is used, not unpickled again
+    assert (
+        m.load_call(m.body(2, m.CALL, m.pickle_call(tasks.square, (4,), {})), m.HEADER.size, functions)[0] is tasks.add
+    )
+    replies = run(
+        m.body(1, m.CALL, m.pickle_call(tasks.square, (3,), {})),
+        m.body(2, m.CALL, m.pickle_call(tasks.square, (4,), {})),
+    )
+    assert [pickle.loads(r[2]) for r in replies] == [9, 16]
+
+
+def test_a_bound_builtin_method_is_pickled_with_its_object_every_call():
+    """A bound builtin method (``a_dict.get``) is not a reference: each call sends its object as it is then."""
+    d = {"k": 1}
+    first = m.pickle_call(d.get, ("k",), {})
+    d["k"] = 2
+    second = m.pickle_call(d.get, ("k",), {})
+    assert first[0] != m.REF and second[0] != m.REF
+    assert [pickle.loads(r[2]) for r in run(m.body(1, m.CALL, first), m.body(2, m.CALL, second))] == [1, 2]
+
+
+def test_each_side_forgets_its_references_past_the_bound(monkeypatch):
+    """The caller's and the worker's memory of function references are bounded by MAX_REFS."""
+    monkeypatch.setattr(m, "_refs", {})
+    monkeypatch.setattr(m, "MAX_REFS", 2)
+    functions: dict[bytes, object] = {}
+    for i, fn in enumerate((tasks.square, tasks.add, tasks.pid)):
+        body = m.body(i, m.CALL, m.pickle_call(fn, (), {}))
+        assert m.load_call(body, m.HEADER.size, functions)[0] is fn
+        assert len(m._refs) <= 2 and len(functions) <= 2
+
+
+def test_the_reader_returns_whole_bodies_however_the_pipe_splits_them():
+    """A read that ends inside a frame keeps its start, even when the rest looks like a frame of its own."""
+    r, w = os.pipe()
+    try:
+        frames = m.FrameReader(r)
+        os.write(w, m.frame(b"one"))
+        assert [bytes(b) for b in frames.read()] == [b"one"]
+        # The second half of this body starts with 4 bytes that read as the length of the rest.
+        tail = b"y" * 20
+        body = b"head" + (len(tail)).to_bytes(4, "big") + tail
+        framed = m.frame(b"two") + m.frame(body)
+        cut = len(m.frame(b"two")) + 4 + 4
+        os.write(w, framed[:cut])
+        assert [bytes(b) for b in frames.read()] == [b"two"]
+        os.write(w, framed[cut:])
+        assert [bytes(b) for b in frames.read()] == [body]
+    finally:
+        os.close(r)
+        os.close(w)
