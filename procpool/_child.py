@@ -8,6 +8,7 @@ started). ``serve`` only calls ``.get()``/``.put()``, so a test can drive it wit
 
 from __future__ import annotations
 
+import _pickle as pickle
 import collections
 import faulthandler
 import os
@@ -74,7 +75,7 @@ class ConnectionQueue:
     def put(self, data: Any) -> None:
         """Write one body: bytes-like, or a list of parts sent as one body."""
         if type(data) is bytes and len(data) <= select.PIPE_BUF - 4:  # one write, whole (atomic)
-            os.write(self.fd, m.frame_header(len(data)) + data)
+            os.write(self.fd, m.LENGTH.pack(len(data)) + data)
             return
         parts = data if type(data) is list else [data]
         m.write_all(self.fd, [m.frame_header(sum(len(p) for p in parts)), *parts])
@@ -140,6 +141,9 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Aren
     plain = _PLAIN_TYPES
     header = m.HEADER
     header_size = header.size
+    pack_header = header.pack
+    OK = m.OK
+    scalars = m.SCALARS
     reaping = _subreaper
     next_reap = 0
     limit = 0 if arena is None else arena.limit
@@ -172,7 +176,7 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Aren
             if type(result) not in plain and isawaitable(result):
                 result = _run_coroutine(result)
             try:
-                out = dumps(result, limit)
+                out = pickle.dumps(result, 5) if type(result) in scalars else dumps(result, limit)
             except BaseException as exc:
                 from procpool.errors import SerializationError
 
@@ -180,7 +184,7 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Aren
                     f"the task's result ({type(result).__qualname__}) could not be pickled: {exc!r}"
                 ) from exc
             if type(out) is bytes:
-                reply: Any = m.body(seq, m.OK, out)
+                reply: Any = pack_header(seq, OK) + out
             else:
                 assert arena is not None and results is not None
                 reply = _place_result(seq, out, arena, results, state)

@@ -68,7 +68,7 @@ SKIPPED = 14  # the task was cancelled before it started; it did not run
 OK_OOB = 15  # payload: buffer table, then the pickle of the result made with it
 
 HEADER = struct.Struct("!qB")
-_LENGTH = struct.Struct("!i")
+LENGTH = struct.Struct("!i")
 _HUGE_LENGTH = struct.Struct("!Q")
 # Connection's length header and a body's header in one: a message is one pack and one join.
 _FRAMED = struct.Struct("!iqB")
@@ -113,15 +113,15 @@ def frame(data: bytes) -> bytes:
     """Prefix a body with Connection's length header, ready for a raw write."""
     n = len(data)
     if n > 0x7FFFFFFF:
-        return _LENGTH.pack(-1) + _HUGE_LENGTH.pack(n) + data
-    return _LENGTH.pack(n) + data
+        return LENGTH.pack(-1) + _HUGE_LENGTH.pack(n) + data
+    return LENGTH.pack(n) + data
 
 
 def frame_header(n: int) -> bytes:
     """Connection's length header for a body of ``n`` bytes written separately."""
     if n > 0x7FFFFFFF:
-        return _LENGTH.pack(-1) + _HUGE_LENGTH.pack(n)
-    return _LENGTH.pack(n)
+        return LENGTH.pack(-1) + _HUGE_LENGTH.pack(n)
+    return LENGTH.pack(n)
 
 
 class FrameReader:
@@ -164,7 +164,7 @@ class FrameReader:
         n = os.readv(self.fd, [scratch])
         if not n:
             raise EOFError
-        if not self._rest and n > 4 and _LENGTH.unpack_from(scratch)[0] == n - 4:
+        if not self._rest and n > 4 and LENGTH.unpack_from(scratch)[0] == n - 4:
             return [bytes(scratch[4:n])]  # exactly one body, the usual read of a round trip
         return self.feed(bytes(scratch[:n]))
 
@@ -178,7 +178,7 @@ class FrameReader:
         start = 0
         end = len(data)
         while end - start >= 4:
-            (n,) = _LENGTH.unpack_from(data, start)
+            (n,) = LENGTH.unpack_from(data, start)
             head = 4
             if n == -1:
                 if end - start < 12:
@@ -284,7 +284,7 @@ def _rebuild_view(buf: Any, readonly: bool, fmt: str, shape: tuple[int, ...]) ->
 
 _LARGE_TYPES = (bytes, bytearray, memoryview)
 # Types whose pickle can hold no out-of-band buffer.
-_SCALARS = frozenset({int, float, str, bool, type(None), complex})
+SCALARS = frozenset({int, float, str, bool, type(None), complex})
 
 
 def _wrap(obj: Any, threshold: int, own: dict[int, Any]) -> Any:
@@ -335,7 +335,7 @@ def dumps(
     ``limit`` bytes (None: ``PROCPOOL_SHM_LIMIT_MB``, read only then). With ``limit`` 0
     everything is in band.
     """
-    if type(obj) in _SCALARS:  # the hot path of tiny tasks: nothing to look for
+    if type(obj) in SCALARS:  # the hot path of tiny tasks: nothing to look for
         return pickle.dumps(obj, 5)
     if own is None:  # else the caller has wrapped what needs it
         own = {}
@@ -498,7 +498,7 @@ def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     scalars = not kwargs
     for a in args:
         t = type(a)
-        if t not in _SCALARS:
+        if t not in SCALARS:
             scalars = False
         if t in _LARGE_TYPES:
             sent_args = tuple(_wrap(a, _shm.THRESHOLD, own) for a in args)
