@@ -15,6 +15,8 @@ Measured, each in this one process, one after the other:
   same CPU, and to two different CPUs (Linux, 2 CPUs or more): where the scheduler puts the two
   sides changes a round trip more than either side's code does (on a 2-vCPU VM here: about
   12 µs against 53 µs for the raw ping-pong), so only the pinned pairs compare like with like;
+  beside them, the raw ping-pong with the parent waiting on an asyncio event loop, a future per
+  call (the floor of any coordinator built on asyncio);
 * map of 200,000 tiny items: ``pool.map(...).chunks()``, the per-item ``async for``, and
   ``multiprocessing.Pool.map``;
 * cold start: in a fresh interpreter per library and repeat, so every repeat is really cold, the
@@ -91,6 +93,35 @@ def raw_ping_pong(placement: tuple[int, int] | None = None) -> float:
     if before is not None:
         os.sched_setaffinity(0, before)
     return statistics.median(lat) * 1e6
+
+
+async def loop_ping_pong(placement: tuple[int, int] | None = None) -> float:
+    """The raw ping-pong with the parent waiting on an asyncio event loop, as any coordinator on
+    asyncio does: a future per call, resolved by a reader callback (the floor of such a design)."""
+    loop = asyncio.get_running_loop()
+    a, b = multiprocessing.Pipe(duplex=False)
+    c, d = multiprocessing.Pipe(duplex=False)
+    proc = multiprocessing.get_context("fork").Process(target=_pong, args=(a, d))
+    proc.start()
+    assert proc.pid is not None
+    waiting: list[asyncio.Future[int]] = []
+    loop.add_reader(c.fileno(), lambda: waiting.pop().set_result(c.recv()))
+    before = _pinned([proc.pid], placement)
+    lat = []
+    try:
+        for i in range(200 + N_LATENCY):
+            t = time.perf_counter()
+            waiting.append(loop.create_future())
+            b.send(i)
+            await waiting[-1]
+            lat.append(time.perf_counter() - t)
+    finally:
+        loop.remove_reader(c.fileno())
+        proc.kill()
+        proc.join()
+        if before is not None:
+            os.sched_setaffinity(0, before)
+    return statistics.median(lat[200:]) * 1e6
 
 
 async def procpool_latency(placement: tuple[int, int]) -> float:
@@ -233,6 +264,7 @@ def one_run(tmp: Path, cold_only: bool = False) -> dict[str, float]:
         for name, placement in PLACEMENTS.items():
             figures[f"latency_{name}_us"] = asyncio.run(procpool_latency(placement))
             figures[f"raw_{name}_us"] = raw_ping_pong(placement)
+            figures[f"loop_{name}_us"] = asyncio.run(loop_ping_pong(placement))
     with billiard.Pool(3) as bp:
         figures["billiard_us"] = sync_pool_latency(bp)
     with multiprocessing.Pool(3) as mp:
@@ -295,7 +327,8 @@ def _floor_checks(med: dict[str, float]) -> list[tuple[str, bool, str]]:
             (f"latency p50 at most 1.3x the raw ping-pong, both pinned to {label}",
              med[f"latency_{name}_us"] <= 1.3 * med[f"raw_{name}_us"],
              f"{med[f'latency_{name}_us']:.0f} us vs raw {med[f'raw_{name}_us']:.0f} us "
-             f"({med[f'latency_{name}_us'] / med[f'raw_{name}_us']:.2f}x)")
+             f"({med[f'latency_{name}_us'] / med[f'raw_{name}_us']:.2f}x; the raw ping-pong on an event loop: "
+             f"{med[f'loop_{name}_us']:.0f} us)")
             for name, label in (("same", "one CPU"), ("cross", "two CPUs"))
             if f"latency_{name}_us" in med
         ],
