@@ -76,7 +76,7 @@ class Channel:
 
     def _place_call(self, seq: int, payload: m.OutOfBand) -> Any:
         """A CALL_OOB body with the buffers copied into the call area, or its inline parts."""
-        head = m.body(seq, m.CALL_OOB)
+        head = m.body(seq, m.CALL_OOB) + payload.function
         ring = self._calls
         sizes = [_shm.aligned(b.nbytes) for b in payload.buffers]
         start = None if ring is None else ring.alloc(sum(sizes), seq)

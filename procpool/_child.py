@@ -136,7 +136,8 @@ def _run_coroutine(coro: Any) -> Any:
 def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Arena | None = None) -> None:
     """Run calls until the parent sends EXIT or goes away."""
     dumps = m.dumps
-    load_call = m.load_call
+    load_function = m.load_function
+    loads = pickle.loads
     functions: dict[bytes, Any] = {}  # the functions of the references received, by their pickle
     plain = _PLAIN_TYPES
     header = m.HEADER
@@ -163,15 +164,19 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Aren
         state[BEAT] = started = time.monotonic_ns()
         try:
             try:
-                if kind == m.CALL:
-                    fn, args, kwargs = load_call(data, header_size, functions)
-                else:  # buffers are copied out of the arena here: the task owns what it gets
-                    fn, args, kwargs = m.loads(memoryview(data)[header_size:], arena.view if arena else None)
+                view = memoryview(data)
+                fn, at = load_function(view, header_size, functions)
+                # Out of band, the buffers are copied out of the arena here: the task owns what it gets.
+                call = loads(view[at:]) if kind == m.CALL else m.loads(view[at:], arena.view if arena else None)
+                if fn is None:
+                    fn, args, kwargs = call
+                else:
+                    args, kwargs = call
             except BaseException as exc:
                 from procpool.errors import SerializationError
 
                 raise SerializationError(f"the task could not be unpickled in the worker: {exc!r}") from exc
-            del data
+            del data, view, call
             result = fn(*args, **kwargs)
             if type(result) not in plain and isawaitable(result):
                 result = _run_coroutine(result)

@@ -22,6 +22,7 @@ import os
 import struct
 import sys
 import types
+import weakref
 from collections.abc import Callable
 
 from procpool import _shm
@@ -56,9 +57,9 @@ def map_state(fd: int, close: bool = True) -> memoryview:
 
 
 # parent -> child
-CALL = 1  # payload: pickle of (fn, args, kwargs), or a function reference then (args, kwargs)
+CALL = 1  # payload: the function part, then the pickle of the call
 EXIT = 2  # no payload; the child leaves its loop
-CALL_OOB = 3  # payload: buffer table, then the pickle of (fn, args, kwargs) made with it
+CALL_OOB = 3  # payload: the function part, then the buffer table and the pickle of the call
 # child -> parent
 READY = 10  # seq is the worker's pid; sent first
 INIT_FAILED = 11  # payload: utf-8 traceback of the failed handler import or initializer
@@ -83,13 +84,14 @@ _ENTRY = struct.Struct("!QQB")  # offset, length, flags
 INLINE = 1
 OWN = 2
 LAND = 4
-# A CALL payload that starts with REF (a pickle starts with its PROTO opcode, 0x80) names a plain
-# function: REF, the length of the function's pickle (!H), that pickle (a reference to its module
-# and name), then the pickle of (args, kwargs). Each side keeps the references it has seen
-# (pickle_call, load_call), so a stream of calls to one function pickles it once in the caller
-# and imports it once in the worker: about 1 us of each round trip of a tiny task.
-REF = 0x01
+# The function part of a call's payload: the length of the function's pickle (!H), then that
+# pickle, when the function is a plain one (a reference to its module and name); the call is then
+# (args, kwargs). A length of 0 (NO_FUNCTION): the call is (fn, args, kwargs). Each side keeps
+# the references it has seen (pickle_call, load_function), so a stream of calls to one function
+# pickles it once in the caller and imports it once in the worker: about 1 us of each round trip
+# of a tiny task.
 _REF_LENGTH = struct.Struct("!H")
+NO_FUNCTION = _REF_LENGTH.pack(0)
 # How many functions each side remembers (then it starts again from none).
 MAX_REFS = 256
 # One read takes whatever the pipe holds, up to this much: many small messages per syscall.
@@ -165,7 +167,7 @@ class FrameReader:
         if not n:
             raise EOFError
         if not self._rest and n > 4 and LENGTH.unpack_from(scratch)[0] == n - 4:
-            return [bytes(scratch[4:n])]  # exactly one body, the usual read of a round trip
+            return [memoryview(bytes(scratch[4:n]))]  # exactly one body, the usual read of a round trip
         return self.feed(bytes(scratch[:n]))
 
     def feed(self, data: bytes) -> list[Any]:
@@ -215,6 +217,8 @@ class OutOfBand(bytes):
     buffers: list[memoryview]
     flags: list[int]
     nbytes: int
+    # A call's function part (pickle_call), which goes before the buffer table.
+    function = NO_FUNCTION
 
     def __new__(cls, data: bytes, buffers: list[memoryview], flags: list[int]) -> OutOfBand:
         self = super().__new__(cls, data)
@@ -443,8 +447,9 @@ def loads(payload: Any, area: memoryview | None, landing: _shm.Landing | None = 
 # do builtin functions of a module (not builtin methods bound to an object, such as
 # ``a_list.append``: they pickle their object, whose state can change between calls).
 _REFERENCE_TYPES = frozenset({types.FunctionType, types.BuiltinFunctionType})
-# function -> REF, its length and its pickle, for the functions this process has sent.
-_refs: dict[Any, bytes] = {}
+# id(function) -> (a weak reference to it, its function part), for the functions this process has
+# sent; an entry goes with its function.
+_refs: dict[int, tuple[Any, bytes]] = {}
 
 
 def _is_plain(fn: Any) -> bool:
@@ -452,46 +457,51 @@ def _is_plain(fn: Any) -> bool:
 
 
 def _reference(fn: Any) -> bytes:
-    """The REF prefix of a call to ``fn``, or b"" when ``fn`` is not a plain function.
+    """The function part of a call to the plain function ``fn``: its length, then its pickle.
 
-    The pickle is made once per function: a function rebound in its module after that is not
-    noticed here (the worker imports the name, and gets what it is bound to there).
+    ``fn`` is pickled once, and with it comes pickle's check that its module has it under its
+    name: a function sent before that name was rebound (by ``mock.patch``, say) still goes after,
+    as a reference to the name, which the worker imports as it is there.
     """
-    ref = _refs.get(fn)
-    if ref is None:
-        data = pickle.dumps(fn, 5)
-        if len(data) > 0xFFFF:  # pragma: no cover - a reference is a module and a name
-            return b""
-        if len(_refs) >= MAX_REFS:
-            _refs.clear()
-        ref = _refs[fn] = bytes((REF,)) + _REF_LENGTH.pack(len(data)) + data
-    return ref
+    entry = _refs.get(id(fn))
+    if entry is not None and entry[0]() is fn:
+        return entry[1]
+    data = pickle.dumps(fn, 5)
+    if len(data) > 0xFFFF:  # pragma: no cover - a reference is a module and a name
+        return NO_FUNCTION
+    if len(_refs) >= MAX_REFS:
+        _refs.clear()
+    key = id(fn)
+    part = _REF_LENGTH.pack(len(data)) + data
+    _refs[key] = (weakref.ref(fn, lambda _, key=key: _refs.pop(key, None)), part)  # type: ignore[misc]
+    return part
 
 
-def load_call(body: Any, at: int, functions: dict[bytes, Any]) -> tuple[Any, Any, Any]:
-    """Unpickle the CALL payload at ``body[at:]`` into (fn, args, kwargs); ``functions`` holds the
-    functions of the references seen before, by their pickle."""
-    view = memoryview(body)
-    if body[at] != REF:
-        return pickle.loads(view[at:])  # type: ignore[no-any-return]
-    (n,) = _REF_LENGTH.unpack_from(body, at + 1)
-    start = at + 1 + _REF_LENGTH.size
-    key = bytes(view[start : start + n])
+def load_function(body: memoryview, at: int, functions: dict[bytes, Any]) -> tuple[Any, int]:
+    """The function of the call whose payload starts at ``body[at]`` (None when it is in the
+    call's pickle) and where the rest of the payload starts. ``functions`` holds the functions of
+    the references seen before, by their pickle: each is imported once, so a task that rebinds a
+    module's function in its worker does not change what later calls by reference run there."""
+    (n,) = _REF_LENGTH.unpack_from(body, at)
+    at += _REF_LENGTH.size
+    if not n:
+        return None, at
+    key = bytes(body[at : at + n])
     fn = functions.get(key)
     if fn is None:
         fn = pickle.loads(key)
         if len(functions) >= MAX_REFS:
             functions.clear()
         functions[key] = fn
-    args, kwargs = pickle.loads(view[start + n :])
-    return fn, args, kwargs
+    return fn, at + n
 
 
 def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle a call in the caller, so a bad argument fails there and nothing is sent.
 
     Large buffers (numpy arrays, and bytes, bytearray or memoryview arguments) are left out of
-    band, to travel through shared memory: see ``dumps``. A plain function goes as a REF.
+    band, to travel through shared memory: see ``dumps``. A plain function goes as a reference
+    (``_reference``) in the payload's function part.
     """
     sent_args, sent_kwargs = args, kwargs
     own: dict[int, Any] = {}
@@ -506,14 +516,18 @@ def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     if kwargs:
         sent_kwargs = {k: _wrap(v, _shm.THRESHOLD, own) for k, v in kwargs.items()}
     try:
-        ref = _reference(fn) if type(fn) in _REFERENCE_TYPES and _is_plain(fn) else b""
+        function = _reference(fn) if type(fn) in _REFERENCE_TYPES and _is_plain(fn) else NO_FUNCTION
+        if function is NO_FUNCTION:
+            call: tuple[Any, ...] = (fn, sent_args, sent_kwargs)
+        else:
+            call = (sent_args, sent_kwargs)
         if scalars:  # no buffer can hide in these: skip the out-of-band machinery
-            return ref + pickle.dumps((args, kwargs), 5) if ref else pickle.dumps((fn, args, kwargs), 5)
-        if ref:
-            data = dumps((sent_args, sent_kwargs), own=own)
-            if type(data) is bytes:
-                return ref + data
-        return dumps((fn, sent_args, sent_kwargs), own=own)  # out of band: the function in the pickle
+            return function + pickle.dumps(call, 5)
+        data = dumps(call, own=own)
+        if isinstance(data, OutOfBand):
+            data.function = function  # Channel writes it before the buffer table
+            return data
+        return function + data
     except Exception as exc:
         from procpool.errors import SerializationError
 

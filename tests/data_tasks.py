@@ -163,3 +163,14 @@ def array_then_unloadable(n: int) -> tuple[Any, Unloadable]:
     import numpy as np
 
     return np.full(n, 1, dtype=np.uint8), Unloadable()
+
+
+class CountsItsPickling:
+    """Counts how often it is pickled, in the process that pickles it."""
+
+    def __init__(self) -> None:
+        self.pickled = 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.pickled += 1
+        return (CountsItsPickling, ())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 
 import attacks
 import pytest
@@ -31,7 +32,8 @@ async def test_a_late_caller_queues_behind_the_waiting_ones(tmp_path):
     submit = pool._tasks.submit
 
     def recording_submit(payload: bytes, timeout: float | None, *options: object):
-        queued.append(m.load_call(payload, 0, {})[1][0])  # the argument of every task, in queue order
+        _, at = m.load_function(memoryview(payload), 0, {})
+        queued.append(pickle.loads(payload[at:])[0][0])  # the argument of every task, in queue order
         return submit(payload, timeout, *options)
 
     pool._tasks.submit = recording_submit  # type: ignore[method-assign]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
 import queue
+import sys
+import types
+import weakref
 
 import tasks
 
@@ -16,7 +20,7 @@ from procpool.errors import SerializationError
 
 
 def call(seq: int, fn, *args) -> bytes:
-    return m.body(seq, m.CALL, pickle.dumps((fn, args, {})))
+    return m.body(seq, m.CALL, m.NO_FUNCTION + pickle.dumps((fn, args, {})))
 
 
 def run(*bodies: bytes, state=None) -> list[tuple[int, int, bytes]]:
@@ -88,21 +92,20 @@ def test_frames_match_multiprocessing_connections_wire_format():
         writer.close()
 
 
+def _function_of(payload: bytes, functions: dict[bytes, object]) -> object:
+    return m.load_function(memoryview(payload), 0, functions)[0]
+
+
 def test_a_plain_function_goes_as_a_reference_that_each_side_resolves_once():
-    """A call to a plain function carries a REF; the worker resolves each reference once, then reuses it."""
+    """A call to a plain function names it apart from its pickle; the worker imports each one once, then reuses it."""
     payload = m.pickle_call(tasks.square, (3,), {})
-    assert payload[0] == m.REF
+    assert payload[:2] != m.NO_FUNCTION
     functions: dict[bytes, object] = {}
-    assert m.load_call(m.body(1, m.CALL, payload), m.HEADER.size, functions) == (tasks.square, (3,), {})
+    assert _function_of(payload, functions) is tasks.square
     (key,) = functions
     functions[key] = tasks.add  # what the worker remembers is used, not unpickled again
-    assert (
-        m.load_call(m.body(2, m.CALL, m.pickle_call(tasks.square, (4,), {})), m.HEADER.size, functions)[0] is tasks.add
-    )
-    replies = run(
-        m.body(1, m.CALL, m.pickle_call(tasks.square, (3,), {})),
-        m.body(2, m.CALL, m.pickle_call(tasks.square, (4,), {})),
-    )
+    assert _function_of(m.pickle_call(tasks.square, (4,), {}), functions) is tasks.add
+    replies = run(m.body(1, m.CALL, payload), m.body(2, m.CALL, m.pickle_call(tasks.square, (4,), {})))
     assert [pickle.loads(r[2]) for r in replies] == [9, 16]
 
 
@@ -112,7 +115,7 @@ def test_a_bound_builtin_method_is_pickled_with_its_object_every_call():
     first = m.pickle_call(d.get, ("k",), {})
     d["k"] = 2
     second = m.pickle_call(d.get, ("k",), {})
-    assert first[0] != m.REF and second[0] != m.REF
+    assert first[:2] == second[:2] == m.NO_FUNCTION
     assert [pickle.loads(r[2]) for r in run(m.body(1, m.CALL, first), m.body(2, m.CALL, second))] == [1, 2]
 
 
@@ -121,10 +124,23 @@ def test_each_side_forgets_its_references_past_the_bound(monkeypatch):
     monkeypatch.setattr(m, "_refs", {})
     monkeypatch.setattr(m, "MAX_REFS", 2)
     functions: dict[bytes, object] = {}
-    for i, fn in enumerate((tasks.square, tasks.add, tasks.pid)):
-        body = m.body(i, m.CALL, m.pickle_call(fn, (), {}))
-        assert m.load_call(body, m.HEADER.size, functions)[0] is fn
+    for fn in (tasks.square, tasks.add, tasks.pid):
+        assert _function_of(m.pickle_call(fn, (), {}), functions) is fn
         assert len(m._refs) <= 2 and len(functions) <= 2
+
+
+def test_the_caller_does_not_keep_a_function_alive(monkeypatch):
+    """A function the caller has sent is freed with its module: the caller's memory of it is weak."""
+    module = types.ModuleType("procpool_test_ephemeral")
+    exec("def f(x):\n    return x\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    m.pickle_call(module.f, (1,), {})
+    gone = weakref.ref(module.f)
+    key = id(module.f)
+    assert key in m._refs
+    del sys.modules[module.__name__], module
+    gc.collect()
+    assert gone() is None and key not in m._refs
 
 
 def test_the_reader_returns_whole_bodies_however_the_pipe_splits_them():
@@ -133,7 +149,8 @@ def test_the_reader_returns_whole_bodies_however_the_pipe_splits_them():
     try:
         frames = m.FrameReader(r)
         os.write(w, m.frame(b"one"))
-        assert [bytes(b) for b in frames.read()] == [b"one"]
+        (one,) = frames.read()
+        assert type(one) is memoryview and one == b"one"  # a view: slicing it copies nothing
         # The second half of this body starts with 4 bytes that read as the length of the rest.
         tail = b"y" * 20
         body = b"head" + (len(tail)).to_bytes(4, "big") + tail

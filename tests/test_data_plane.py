@@ -9,7 +9,6 @@ import gc
 import mmap
 import multiprocessing
 import os
-import pickle
 import queue
 import resource
 
@@ -265,7 +264,7 @@ def test_a_numpy_result_that_came_inline_lands_too():
         calls: queue.Queue = queue.Queue()
         results: queue.Queue = queue.Queue()
         for seq in (1, 2):
-            calls.put(m.body(seq, m.CALL, pickle.dumps((data_tasks.filled, (n, seq), {}))))
+            calls.put(m.body(seq, m.CALL, m.pickle_call(data_tasks.filled, (n, seq), {})))
         calls.put(m.body(0, m.EXIT))
         state = [0] * m.STATE_SIZE  # RESULT_ACK never moves: nothing read yet
         _child.serve(calls, results, state, arena)
@@ -346,6 +345,17 @@ def test_large_buffers_are_left_out_of_band_and_small_ones_in_band():
     assert type(small) is bytes and len(small) > _shm.THRESHOLD - 1
 
 
+async def test_a_call_with_buffers_out_of_band_is_pickled_once(pool):
+    """A call to a plain function with an array out of band pickles its arguments once, its function apart."""
+    counter = data_tasks.CountsItsPickling()
+    array = np.arange(_shm.THRESHOLD, dtype=np.uint8)
+    payload = m.pickle_call(data_tasks.identity, ((array, counter),), {})
+    assert isinstance(payload, m.OutOfBand) and payload.function != m.NO_FUNCTION
+    assert counter.pickled == 1
+    back, _ = await pool.submit(data_tasks.identity, (array, counter))
+    assert np.array_equal(back, array)
+
+
 async def test_a_call_over_the_limit_fails_at_the_call_and_the_pool_goes_on(monkeypatch):
     """A call whose buffers exceed PROCPOOL_SHM_LIMIT_MB raises SerializationError at once, naming the knob."""
     monkeypatch.setenv(_shm.LIMIT_ENV, "1")
@@ -407,7 +417,7 @@ def test_a_result_goes_inline_when_the_result_area_is_full():
         calls: queue.Queue = queue.Queue()
         results: queue.Queue = queue.Queue()
         for seq in (1, 2):
-            calls.put(m.body(seq, m.CALL, pickle.dumps((data_tasks.fill, (2 * BIG, seq), {}))))
+            calls.put(m.body(seq, m.CALL, m.pickle_call(data_tasks.fill, (2 * BIG, seq), {})))
         calls.put(m.body(0, m.EXIT))
         state = [0] * m.STATE_SIZE  # RESULT_ACK never moves: nothing read yet
         _child.serve(calls, results, state, arena)
