@@ -163,8 +163,14 @@ def next_step(
 
 
 def payload_digest(payload: bytes) -> bytes:
-    """What identifies a call for the quarantine: a hash of its pickled bytes."""
-    return hashlib.blake2b(payload, digest_size=16).digest()
+    """What identifies a call for the quarantine: a hash of its pickled bytes, and for a call with
+    buffers out of band (an ``OutOfBand``), of its function part and its buffers too, which its
+    pickle leaves out. Hashed only while something is quarantined, and when quarantining."""
+    digest = hashlib.blake2b(getattr(payload, "function", b""), digest_size=16)
+    digest.update(payload)
+    for buffer in getattr(payload, "buffers", ()):
+        digest.update(buffer)
+    return digest.digest()
 
 
 class Quarantine:

@@ -60,6 +60,13 @@ def faults_of_a_second_buffer(n: int) -> tuple[int, int]:
     return faults, pages
 
 
+def kill_if_marked(value: Any) -> int:
+    """Kill this worker if the buffer's first byte is 1, else return the sum of its bytes."""
+    if memoryview(value).cast("B")[0] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return total(value)
+
+
 def kill_self_after_copy(value: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from helpers import wait_until
 
-from procpool import SerializationError, WorkerPool, _child, _shm
+from procpool import PoisonTask, RetryPolicy, SerializationError, WorkerPool, _child, _shm
 from procpool import _messages as m
 
 pytestmark = pytest.mark.anyio
@@ -354,6 +354,21 @@ async def test_a_call_with_buffers_out_of_band_is_pickled_once(pool):
     assert counter.pickled == 1
     back, _ = await pool.submit(data_tasks.identity, (array, counter))
     assert np.array_equal(back, array)
+
+
+async def test_the_quarantine_tells_calls_apart_by_their_buffers_and_their_function():
+    """A quarantined call with a large array refuses only itself, not its function on other data nor other functions."""
+    policy = RetryPolicy(attempts=2, backoff=0, quarantine_after=2)
+    poison = np.zeros(_shm.THRESHOLD, dtype=np.uint8)
+    poison[0] = 1
+    other = np.zeros(_shm.THRESHOLD, dtype=np.uint8)
+    async with WorkerPool() as pool:
+        with pytest.raises(PoisonTask):
+            await asyncio.wait_for(pool.apply(data_tasks.kill_if_marked, (poison,), retry=policy), 60)
+        assert await asyncio.wait_for(pool.apply(data_tasks.kill_if_marked, (other,), retry=policy), 60) == 0
+        assert await asyncio.wait_for(pool.apply(data_tasks.total, (poison,), retry=policy), 60) == 1
+        with pytest.raises(PoisonTask):  # the same call again is refused at once
+            await pool.apply(data_tasks.kill_if_marked, (poison,), retry=policy)
 
 
 async def test_a_call_over_the_limit_fails_at_the_call_and_the_pool_goes_on(monkeypatch):
