@@ -58,13 +58,17 @@ class Channel:
         small: list[bytes] = []
         parts: list[Any] = []
         for seq, payload in calls:
+            message: Any
             if type(payload) is bytes:
-                small.append(m.framed(seq, m.CALL, payload))
-                continue
-            message = self._place_call(seq, payload)
+                if len(payload) < _shm.THRESHOLD:
+                    small.append(m.framed(seq, m.CALL, payload))
+                    continue
+                message = [m.body(seq, m.CALL), payload]  # a large pickle goes as it is, not joined
+            else:
+                message = self._place_call(seq, payload)
             if type(message) is bytes:
                 small.append(m.frame(message))
-            else:  # inline: the buffers go as they are, not joined into one copy
+            else:  # parts of one body (a large pickle, inline buffers): as they are, not joined
                 if small:
                     parts.append(b"".join(small))
                     small = []

@@ -521,6 +521,8 @@ def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
             call: tuple[Any, ...] = (fn, sent_args, sent_kwargs)
         else:
             call = (sent_args, sent_kwargs)
+        # The function part is joined to the pickle (a copy of it: a large argument that stays in
+        # band, a long str say, is copied once here and not again on its way to the worker).
         if scalars:  # no buffer can hide in these: skip the out-of-band machinery
             return function + pickle.dumps(call, 5)
         data = dumps(call, own=own)

@@ -169,6 +169,7 @@ def payload_digest(payload: bytes) -> bytes:
     digest = hashlib.blake2b(getattr(payload, "function", b""), digest_size=16)
     digest.update(payload)
     for buffer in getattr(payload, "buffers", ()):
+        digest.update(buffer.nbytes.to_bytes(8, "little"))  # the pickle does not say where one ends
         digest.update(buffer)
     return digest.digest()
 

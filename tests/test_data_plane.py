@@ -19,6 +19,8 @@ from helpers import wait_until
 
 from procpool import PoisonTask, RetryPolicy, SerializationError, WorkerPool, _child, _shm
 from procpool import _messages as m
+from procpool._channel import Channel
+from procpool._retry import payload_digest
 
 pytestmark = pytest.mark.anyio
 
@@ -369,6 +371,27 @@ async def test_the_quarantine_tells_calls_apart_by_their_buffers_and_their_funct
         assert await asyncio.wait_for(pool.apply(data_tasks.total, (poison,), retry=policy), 60) == 1
         with pytest.raises(PoisonTask):  # the same call again is refused at once
             await pool.apply(data_tasks.kill_if_marked, (poison,), retry=policy)
+
+
+async def test_a_large_pickle_goes_to_the_pipe_as_it_is(pool, monkeypatch):
+    """A call whose pickle stays large in band is written as the caller's own bytes, after its headers."""
+    written: list[list[object]] = []
+    write = Channel.write
+    monkeypatch.setattr(Channel, "write", lambda self, parts: (written.append(list(parts)), write(self, parts)))
+    text = "x" * (2 * _shm.THRESHOLD)
+    payload = m.pickle_call(data_tasks.identity, (text,), {})
+    assert type(payload) is bytes and len(payload) > _shm.THRESHOLD
+    assert await pool.submit(data_tasks.identity, text) == text
+    assert any(len(part) == len(payload) and bytes(part) == payload for parts in written for part in parts)
+
+
+def test_the_quarantine_tells_apart_the_same_bytes_split_into_other_buffers():
+    """Two calls whose large arguments hold the same bytes, split at another place, are different calls."""
+    blob = bytes(range(256)) * 1024
+    first = m.pickle_call(data_tasks.pair, (blob[:70_000], blob[70_000:]), {})
+    second = m.pickle_call(data_tasks.pair, (blob[:70_001], blob[70_001:]), {})
+    assert isinstance(first, m.OutOfBand) and first == second  # the pickles alone are the same
+    assert payload_digest(first) != payload_digest(second)
 
 
 async def test_a_call_over_the_limit_fails_at_the_call_and_the_pool_goes_on(monkeypatch):
