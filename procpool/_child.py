@@ -8,7 +8,7 @@ started). ``serve`` only calls ``.get()``/``.put()``, so a test can drive it wit
 
 from __future__ import annotations
 
-import _pickle as pickle
+import _pickle as pickle  # the C pickler, as in _messages (pickle.py itself imports re)
 import collections
 import faulthandler
 import os
@@ -181,6 +181,8 @@ def serve(call_queue: _Queue, result_queue: _Queue, state: Any, arena: _shm.Aren
             if type(result) not in plain and isawaitable(result):
                 result = _run_coroutine(result)
             try:
+                # dumps' own fast path for scalars, and below m.body, inlined: measured, about 0.5 us
+                # of a tiny task's round trip on one CPU.
                 out = pickle.dumps(result, 5) if type(result) in scalars else dumps(result, limit)
             except BaseException as exc:
                 from procpool.errors import SerializationError

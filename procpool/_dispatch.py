@@ -181,7 +181,7 @@ class Dispatcher:
         return not self.room_waiters and len(self.pending) + self.room_granted < self._config.max_pending
 
     def check_room(self) -> None:
-        if self.room_waiters or len(self.pending) + self.room_granted >= self._config.max_pending:  # not has_room()
+        if not self.has_room():
             raise PoolFull(
                 f"pool {self.pool_id!r} has {len(self.pending)} tasks waiting (max_pending); "
                 "await pool.apply() to wait for room instead"
